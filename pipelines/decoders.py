@@ -26,6 +26,13 @@ from .media import AudioOutput, ImageOutput, VideoOutput
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _dtype_keyword() -> str:
+    """``dtype`` on diffusers that renamed it (they warn on ``torch_dtype``), else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 class TargetCache:
     """Per-caption conditioning targets, in memory and optionally as safetensors files.
 
@@ -152,7 +159,7 @@ class Decoder:
         if dtype_name not in DTYPES:
             raise ValueError(f"decoder option dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
         cls = getattr(diffusers, self.pipeline_class)
-        return cls.from_pretrained(cfg.source, torch_dtype=DTYPES[dtype_name])
+        return cls.from_pretrained(cfg.source, **{_dtype_keyword(): DTYPES[dtype_name]})
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         self.pipeline.save_pretrained(str(directory))
