@@ -147,9 +147,12 @@ def _nearest_colour(mean_rgb: np.ndarray, bg: np.ndarray) -> str:
     return best
 
 
-def _shape_of(pixels: np.ndarray) -> tuple[str, int]:
+def _shape_of(pixels: np.ndarray) -> tuple[str, float]:
     """(shape with the best IoU against its template drawn in the component's bounding
-    box, the box's larger side in pixels)."""
+    box, estimated edge-to-edge extent in pixels).
+
+    The extent averages the box's larger side with sqrt(area / template fill): blur
+    erodes thin parts (a triangle's apex) and shrinks the box, but keeps the area."""
     ys, xs = pixels[:, 0], pixels[:, 1]
     y0, x0 = ys.min(), xs.min()
     h, w = ys.max() - y0 + 1, xs.max() - x0 + 1
@@ -157,13 +160,13 @@ def _shape_of(pixels: np.ndarray) -> tuple[str, int]:
     comp[ys - y0, xs - x0] = True
     v = ((np.arange(h) + 0.5) / h * 2 - 1)[:, None]  # (h, 1) in (-1, 1)
     u = ((np.arange(w) + 0.5) / w * 2 - 1)[None, :]  # (1, w)
-    best, best_iou = world.SHAPES[0], -1.0
+    best, best_iou, best_fill = world.SHAPES[0], -1.0, 1.0
     for shape in world.SHAPES:
         t = world.shape_mask_unit(shape, u, v)
         iou = (t & comp).sum() / max((t | comp).sum(), 1)
         if iou > best_iou:
-            best, best_iou = shape, iou
-    return best, int(max(h, w))
+            best, best_iou, best_fill = shape, iou, max(t.mean(), 1e-3)
+    return best, 0.5 * (max(h, w) + float(np.sqrt(len(pixels) / best_fill)))
 
 
 def _vote(values: Sequence) -> Any:

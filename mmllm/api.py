@@ -1,0 +1,39 @@
+"""The public entry points: ``load`` and ``generate``."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from .config import MMLLMConfig, available_presets
+from .model import CONFIG_NAME, MMLLM
+
+DEFAULT_MODEL = "smollm2"
+
+
+def load(name_or_path: str | None = None, *, device=None, dtype=None, **overrides) -> MMLLM:
+    """A model from a ``save_pretrained`` directory, a preset name, or (no name) the embedded default.
+
+    ``overrides`` change config fields (``seed=1``, ``**{"llm.dtype": "bfloat16"}``).
+    """
+    name = name_or_path or DEFAULT_MODEL
+    path = Path(name)
+    if (path / CONFIG_NAME).is_file():
+        return MMLLM.from_pretrained(path, device=device, dtype=dtype, **overrides)
+    if name in available_presets():
+        return MMLLM.from_config(MMLLMConfig.from_preset(name, **overrides), device=device, dtype=dtype)
+    raise FileNotFoundError(
+        f"{name!r} is neither a directory with {CONFIG_NAME} nor a preset; presets: {available_presets()}"
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(name: str | None) -> MMLLM:
+    return load(name)
+
+
+def generate(prompt: str | None = None, *, model: str | MMLLM | None = None, **kwargs):
+    """``mmllm.generate(image=..., prompt=...)``: answer with ``model`` (default: the embedded
+    default, loaded once and kept). Takes every argument of ``MMLLM.generate``."""
+    m = model if isinstance(model, MMLLM) else _cached(model)
+    return m.generate(prompt, **kwargs)

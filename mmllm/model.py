@@ -1,0 +1,294 @@
+"""``MMLLM``: frozen encoders -> input projectors -> a causal LLM (-> output side, see ``mmllm.outputs``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from projectors import build_input_projector
+
+from .config import MMLLMConfig
+from .encoders import build_encoder
+from .llm import build_llm, load_tokenizer, resolve_dtype
+from .prefix import PrefixAttention
+from .processor import Batch, MMLLMProcessor, ModalitySpec
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "trainable.safetensors"
+# Parameters under these prefixes are frozen components, referenced by source and never saved.
+FROZEN_PREFIXES = ("llm.", "encoders.", "decoders.")
+
+
+@dataclass
+class MMLLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, T, V), or (n, V) at supervised positions when labels are given
+    hidden_states: torch.Tensor | None = None  # (B, T, D) last layer
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _component_seed(seed: int, name: str) -> int:
+    # Stable per-component seeds so a random preset rebuilds bit-identically from its config.
+    return seed * 1000 + sum(ord(c) for c in name)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class MMLLM(nn.Module):
+    def __init__(self, config: MMLLMConfig, llm: nn.Module, tokenizer=None, encoders: dict | None = None):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.encoders = nn.ModuleDict(encoders or {})
+        width = llm.get_input_embeddings().embedding_dim
+        self.input_projectors = nn.ModuleDict()
+        self.prefix_attention: PrefixAttention | None = None
+        for modality, icfg in config.inputs.items():
+            enc = self.encoders[modality]
+            options = dict(icfg.projector.options)
+            if icfg.projector.type == "gated_prefix":
+                options["num_heads"] = llm.config.num_attention_heads
+            with _seeded(_component_seed(config.seed, "proj." + modality)):
+                proj = build_input_projector(icfg.projector.type, enc.hidden_size, width, enc.num_tokens, **options)
+            self.input_projectors[modality] = proj.to(dtype=next(llm.parameters()).dtype)
+            if proj.kind == "prefix":
+                if self.prefix_attention is not None:
+                    raise ValueError("only one modality can use a gated_prefix projector")
+                self.prefix_attention = PrefixAttention(llm, proj.gates)
+        self.processor = self._make_processor() if tokenizer is not None else None
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_config(cls, config: MMLLMConfig, device=None, dtype=None) -> "MMLLM":
+        """Build every component from config. On ``device="meta"`` nothing is allocated or
+        downloaded (random architecture builds, no tokenizer): use it to inspect shapes."""
+        on_meta = str(device) == "meta"
+        ctx = torch.device("meta") if on_meta else contextlib.nullcontext()
+        with ctx:
+            llm = build_llm(config.llm, seed=_component_seed(config.seed, "llm"), dtype=dtype)
+            encoders: dict[str, nn.Module] = {}
+            # Image-like encoders first, so a video 'frames' encoder can share one.
+            order = sorted(config.inputs, key=lambda m: config.inputs[m].encoder.backend == "frames")
+            for modality in order:
+                with _seeded(_component_seed(config.seed, "enc." + modality)):
+                    encoders[modality] = build_encoder(config.inputs[modality].encoder, modality, encoders)
+            tokenizer = None if on_meta else load_tokenizer(config.llm)
+            model = cls(config, llm, tokenizer, {m: encoders[m] for m in config.inputs})
+        if dtype is not None and not on_meta:
+            model.to(dtype=resolve_dtype(dtype))
+        if device is not None and not on_meta:
+            model.to(device)
+        return model
+
+    def _make_processor(self) -> MMLLMProcessor:
+        tok = self.tokenizer
+        placeholders = [c.placeholder for c in self.config.inputs.values()]
+        new = [p for p in placeholders if p not in tok.get_vocab()]
+        if new:
+            tok.add_tokens(new, special_tokens=True)
+        specs = {}
+        for modality, icfg in self.config.inputs.items():
+            enc = self.encoders[modality]
+            specs[modality] = ModalitySpec(
+                placeholder=icfg.placeholder,
+                token_id=tok.convert_tokens_to_ids(icfg.placeholder),
+                num_tokens=self.input_projectors[modality].num_output_tokens(enc.num_tokens),
+                encoder=enc,
+            )
+        return MMLLMProcessor(tok, specs, self.config.system_prompt, self.config.max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.llm.parameters()).dtype
+
+    # ------------------------------------------------------------------ forward
+
+    def embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None = None,
+              media_sample: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids and media -> (inputs_embeds (B, T, D), gated prefix (B, L, P, D) or None).
+
+        Each modality's placeholder positions are filled, in order, with its projected features
+        via ``masked_scatter``; their count must match exactly.
+        """
+        media = media or {}
+        media_sample = media_sample or {}
+        spec = self.processor.modalities if self.processor else {}
+        placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
+        for s in spec.values():
+            placeholder |= input_ids == s.token_id
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))  # (B, T, D)
+        prefix = None
+        for modality, s in spec.items():
+            mask = input_ids == s.token_id  # (B, T)
+            x = media.get(modality)
+            proj = self.input_projectors[modality]
+            if x is None:
+                if mask.any():
+                    raise ValueError(
+                        f"the text has {int(mask.sum())} {s.placeholder} token(s) but no {modality} was given; "
+                        f"pass the {modality} or remove the placeholder"
+                    )
+                continue
+            feats = self.encoders[modality](x)  # (M, N, D_enc), frozen
+            feats = feats.to(next(proj.parameters()).dtype)
+            if proj.kind == "prefix":
+                owner = media_sample.get(modality)
+                if owner is None:
+                    owner = torch.arange(feats.shape[0], device=feats.device)
+                prefix = self._sample_prefix(proj, feats, owner, input_ids.shape[0])
+                continue
+            tokens = proj(feats)  # (M, N', D)
+            if int(mask.sum()) != tokens.shape[0] * tokens.shape[1]:
+                raise ValueError(
+                    f"{modality.capitalize()} features and {modality} tokens do not match: the text holds "
+                    f"{int(mask.sum())} {s.placeholder} positions, but {tokens.shape[0]} {modality}(s) give "
+                    f"{tokens.shape[0]} x {tokens.shape[1]} = {tokens.shape[0] * tokens.shape[1]} features. "
+                    f"Use one {s.placeholder} per {modality} and let the processor expand it."
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
+        if prefix is None and self.prefix_attention is not None:
+            modality = next(m for m, p in self.input_projectors.items() if p.kind == "prefix")
+            prefix = self.input_projectors[modality].empty_prefix(input_ids.shape[0])
+        return embeds, prefix
+
+    @staticmethod
+    def _sample_prefix(proj, feats, owner, batch_size):
+        """Per-item prefixes (M, L, P, D) -> per-sample (B, L, P, D): mean over a sample's items."""
+        per_item = proj(feats) - proj.prompts.unsqueeze(0)  # media part only, (M, L, P, D)
+        total = per_item.new_zeros((batch_size,) + per_item.shape[1:]).index_add(0, owner, per_item)
+        count = torch.bincount(owner, minlength=batch_size).clamp(min=1).to(per_item.dtype)
+        return proj.prompts.unsqueeze(0) + total / count.view(-1, 1, 1, 1)
+
+    @staticmethod
+    def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions that skip left padding, so padded and unpadded samples match."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def prefix_context(self, prefix):
+        return self.prefix_attention.use(prefix) if self.prefix_attention is not None else contextlib.nullcontext()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                media: dict | None = None, media_sample: dict | None = None, labels: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> MMLLMOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds, prefix = self.embed(input_ids, media, media_sample)
+        with self.prefix_context(prefix):
+            hidden = self.llm.get_decoder()(
+                inputs_embeds=embeds, attention_mask=attention_mask,
+                position_ids=self.position_ids(attention_mask), use_cache=False,
+            ).last_hidden_state  # (B, T, D)
+        head = self.llm.get_output_embeddings()
+        if labels is None:
+            return MMLLMOutput(logits=head(hidden), hidden_states=hidden if output_hidden_states else None)
+        # Next-token loss, with logits only where a label exists (the LM head is the costly part).
+        shift_labels = labels[:, 1:]
+        sel = shift_labels != -100
+        logits = head(hidden[:, :-1][sel])  # (n, V)
+        loss = F.cross_entropy(logits.float(), shift_labels[sel]) if sel.any() else hidden.sum() * 0.0
+        return MMLLMOutput(loss=loss, logits=logits, hidden_states=hidden if output_hidden_states else None,
+                           losses={"lm": loss.detach()})
+
+    def forward_batch(self, batch: Batch, **kwargs) -> MMLLMOutput:
+        return self(batch.input_ids, batch.attention_mask, batch.media, batch.media_sample, batch.labels, **kwargs)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt: str | None = None, *, image=None, audio=None, video=None, history=None, **kwargs):
+        """Answer one prompt with optional media; see ``mmllm.generation.generate``."""
+        from .generation import generate
+
+        return generate(self, prompt, image=image, audio=audio, video=video, history=history, **kwargs)
+
+    def generate_batch(self, requests: list[dict], **kwargs):
+        """Several independent requests (dicts of ``generate``'s arguments) in one padded batch."""
+        from .generation import generate_batch
+
+        return generate_batch(self, requests, **kwargs)
+
+    # ------------------------------------------------------------------ saving
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that is not a frozen component: projectors, new token rows, LoRA."""
+        out = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if not name.startswith(FROZEN_PREFIXES) or "lora_" in name or ".new_rows" in name:
+                out[name] = p.detach().cpu().contiguous()
+        return out
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` and the trained parts as safetensors, atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            self.config.to_json(tmp / CONFIG_NAME)
+            save_file(self.trainable_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, **overrides) -> "MMLLM":
+        from .weights import load_state_dict
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_NAME}; point to a directory written by save_pretrained")
+        config = MMLLMConfig.from_json(path / CONFIG_NAME)
+        if overrides:
+            config = config.replace(**overrides)
+        model = cls.from_config(config, dtype=dtype)
+        model.load_trainable(load_state_dict(path / WEIGHTS_NAME))
+        if device is not None:
+            model.to(device)
+        return model
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not fit this config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Load it with the "
+                "config.json saved beside it."
+            )
+        params = dict(self.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name].dtype))
+
+    def num_parameters(self, part: str | None = None) -> int:
+        mod: Any = self if part is None else self.get_submodule(part)
+        return sum(p.numel() for p in mod.parameters())

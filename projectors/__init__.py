@@ -1,0 +1,35 @@
+"""Trainable projectors between frozen encoders, the LLM and frozen decoders.
+
+``INPUT_PROJECTORS``: encoder features ``(B, N, D_enc)`` -> LLM tokens ``(B, M, D_llm)``
+(or, for ``gated_prefix``, per-layer adaption prompts).
+``OUTPUT_PROJECTORS``: signal-token states ``(B, K, D_llm)`` -> a decoder's conditioning
+``(B, *target_shape)``.
+"""
+
+from mmllm.registry import Registry
+
+INPUT_PROJECTORS = Registry("input projector")
+INPUT_PROJECTORS.register("linear", "projectors.input:LinearProjector")
+INPUT_PROJECTORS.register("mlp2x_gelu", "projectors.input:MLPProjector")
+INPUT_PROJECTORS.register("resampler", "projectors.input:ResamplerProjector")
+INPUT_PROJECTORS.register("gated_prefix", "projectors.input:GatedPrefixProjector")
+
+OUTPUT_PROJECTORS = Registry("output projector")
+OUTPUT_PROJECTORS.register("linear", "projectors.output:LinearOutputProjector")
+OUTPUT_PROJECTORS.register("transformer", "projectors.output:TransformerOutputProjector")
+
+
+def build_input_projector(name: str, in_dim: int, out_dim: int, num_in_tokens: int, **options):
+    return INPUT_PROJECTORS.get(name)(in_dim, out_dim, num_in_tokens, **options)
+
+
+def build_output_projector(name: str, llm_dim: int, target_shape: tuple, num_signal_tokens: int, **options):
+    return OUTPUT_PROJECTORS.get(name)(llm_dim, tuple(target_shape), num_signal_tokens, **options)
+
+
+__all__ = [
+    "INPUT_PROJECTORS",
+    "OUTPUT_PROJECTORS",
+    "build_input_projector",
+    "build_output_projector",
+]

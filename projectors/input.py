@@ -1,0 +1,105 @@
+"""Input projectors: frozen-encoder features -> LLM input space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class InputProjector(nn.Module):
+    """``forward(features (B, N, D_enc)) -> (B, M, D_llm)``.
+
+    ``kind`` is ``"tokens"`` (spliced into the prompt at the placeholder) or ``"prefix"``
+    (attended by the LLM's upper layers; the placeholder takes no positions).
+    """
+
+    kind = "tokens"
+
+    def num_output_tokens(self, num_in_tokens: int) -> int:
+        return num_in_tokens
+
+
+class LinearProjector(InputProjector):
+    """LLaVA v1 / NExT-GPT legacy: one linear map per token."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_in_tokens: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class MLPProjector(InputProjector):
+    """LLaVA-1.5 ``mlp2x_gelu``: Linear -> GELU -> Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_in_tokens: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ResamplerProjector(InputProjector):
+    """Learned queries cross-attend to the features: a fixed ``num_queries`` tokens out,
+    whatever the encoder's token count (Perceiver/Q-Former style)."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_in_tokens: int, num_queries: int = 8, depth: int = 1,
+                 heads: int = 4, width: int | None = None):
+        super().__init__()
+        width = width or in_dim
+        if width % heads:
+            raise ValueError(f"resampler width {width} must be divisible by heads={heads}")
+        self.num_queries = num_queries
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * width**-0.5)
+        self.kv_in = nn.Linear(in_dim, width)
+        layer = nn.TransformerDecoderLayer(width, heads, dim_feedforward=4 * width, batch_first=True, norm_first=True,
+                                           dropout=0.0)
+        self.blocks = nn.TransformerDecoder(layer, depth)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, out_dim)
+
+    def num_output_tokens(self, num_in_tokens: int) -> int:
+        return self.num_queries
+
+    def forward(self, x):
+        memory = self.kv_in(x)  # (B, N, W)
+        q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, Q, W)
+        return self.out(self.norm(self.blocks(q, memory)))  # (B, Q, D_llm)
+
+
+class GatedPrefixProjector(InputProjector):
+    """LLaMA-Adapter-V2-style gated prefix.
+
+    Holds learned adaption prompts ``(num_layers, prompt_len, D_llm)`` for the top
+    ``num_layers`` LLM layers and one ``tanh`` gate per layer and head, initialised to 0.
+    The pooled media feature is projected and added to every prompt. The LLM's attention
+    in those layers also attends to the prompts, scaled by the gate (``mmllm.prefix``), so at
+    initialisation the model is exactly the base LLM.
+    """
+
+    kind = "prefix"
+
+    def __init__(self, in_dim: int, out_dim: int, num_in_tokens: int, prompt_len: int = 10, num_layers: int = 8,
+                 num_heads: int | None = None):
+        super().__init__()
+        self.prompt_len = prompt_len
+        self.num_layers = num_layers
+        self.prompts = nn.Parameter(torch.randn(num_layers, prompt_len, out_dim) * 0.02)
+        self.media_proj = nn.Linear(in_dim, out_dim)
+        # One gate per layer and head; the head count is set by the model once the LLM is known.
+        self.gates = nn.Parameter(torch.zeros(num_layers, num_heads or 1))
+
+    def num_output_tokens(self, num_in_tokens: int) -> int:
+        return 0
+
+    def forward(self, x):
+        media = self.media_proj(x.mean(1))  # (B, D)
+        return self.prompts.unsqueeze(0) + media[:, None, None, :]  # (B, L, P, D)
+
+    def empty_prefix(self, batch: int) -> torch.Tensor:
+        """Prompts without media, for samples that carry none: (B, L, P, D)."""
+        return self.prompts.unsqueeze(0).expand(batch, -1, -1, -1)
