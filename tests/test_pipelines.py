@@ -363,3 +363,18 @@ def test_cpu_offload_without_cuda_stays_on_cpu_and_says_so(cases):
     with pytest.warns(UserWarning, match="needs a CUDA device"):
         assert decoder.enable_cpu_offload() is False
     assert decoder.to("cpu").device == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_offload_on_cuda_matches_plain_cuda_run(tmp_path):
+    fast = {"num_inference_steps": 2, "height": 32, "width": 32}
+    tiny_stable_diffusion(seed=0).save_pretrained(tmp_path)
+    on_gpu = build_decoder(DecoderConfig(source=str(tmp_path), options=fast)).to("cuda")
+    offloaded = build_decoder(DecoderConfig(source=str(tmp_path), options=fast))
+    assert offloaded.enable_cpu_offload() is True and offloaded.device.type == "cuda"
+    embeds = on_gpu.encode_text(CAPTIONS)
+    assert embeds.device.type == "cuda"
+    a = our_arrays(on_gpu.generate(embeds, seed=1))
+    b = our_arrays(offloaded.generate(embeds.cpu(), seed=1))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
