@@ -110,7 +110,6 @@ class Decoder:
         self.options = {**self.defaults, **self.config.options}
         self._pipeline = pipeline
         self._device: Optional[torch.device] = None
-        self._offloaded = False
         self._negative: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> (1, *shape) embedding of ""
 
     # ------------------------------------------------------------------ construction
@@ -187,7 +186,6 @@ class Decoder:
             )
             return False
         self.pipeline.enable_model_cpu_offload()
-        self._offloaded = True
         return True
 
     @property
