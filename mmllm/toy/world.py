@@ -714,12 +714,15 @@ def edit_request(spec: Spec, attribute: str, rng: Optional[np.random.Generator] 
     "Now make it blue." after a red circle. ``spec`` is the *new* spec."""
     v = getattr(spec, attribute)
     word = _pick(attribute_words(spec.modality, attribute, v), rng)
+    count = getattr(spec, "count", 1)
+    if spec.modality == "audio" and attribute == "count":
+        return f"Play it again with {NUMBER_WORDS[v - 1]} {plural('beep', v)}."
+    if spec.modality == "audio" and attribute == "timbre":
+        return f"Play it again with {_article(word)} {word} tone."
     if spec.modality == "audio":
-        text = {"pitch": f"Play it again, but {word}.", "timbre": f"Play it again with {_article(word)} {word} tone.",
-                "count": f"Play it again with {NUMBER_WORDS[v - 1]} {plural('beep', v)}."}[attribute]
-        return text
+        return f"Play it again, but {word}."
     if attribute == "shape":
-        return f"Same again, but with {plural(v, getattr(spec, 'count', 1)) if getattr(spec, 'count', 1) > 1 else _article(v) + ' ' + v}."
+        return f"Same again, but with {plural(v, count) if count > 1 else _article(v) + ' ' + v}."
     if attribute == "count":
         return f"Now draw {NUMBER_WORDS[v - 1]} of them."
     if attribute == "position":
