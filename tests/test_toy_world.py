@@ -133,7 +133,8 @@ def test_captions_and_requests_name_every_attribute(modality):
 
 def test_canonical_captions_read_naturally():
     assert world.canonical_caption(ImageSpec("red", "circle", "small", "left", 1)) == "a small red circle on the left"
-    assert world.canonical_caption(ImageSpec("blue", "cross", "large", "top", 3)) == "three large blue crosses at the top"
+    three = ImageSpec("blue", "cross", "large", "top", 3)
+    assert world.canonical_caption(three) == "three large blue crosses at the top"
     assert world.canonical_caption(AudioSpec("low", "pure", 3)) == "three low beeps with a pure tone"
     assert world.canonical_caption(VideoSpec("blue", "square", "up")) == "a blue square moving up"
     assert world.canonical_caption(VideoSpec("orange", "square", "up")) == "an orange square moving up"

@@ -39,9 +39,10 @@ Conversation and generation-marker convention
 Dialogues are LLaVA-style dicts (JSON-serialisable)::
 
     {"id": "toy-train-000003",
-     "image": {"modality": "image", "colour": "red", ...},   # input media: a spec dict, or a
-                                                              # path relative to the dataset
-                                                              # root after write_dataset
+     "image": {"modality": "image", "colour": "red", ...},   # input media: a spec dict; in
+                                                              # write_dataset's JSON a path
+                                                              # relative to the root, with the
+                                                              # spec under "image_spec"
      "conversations": [
         {"from": "human", "value": "<image>\\nWhat colour is the shape?"},
         {"from": "gpt",   "value": "It is red."},
@@ -70,6 +71,7 @@ NPZ files plus JSONL pairs and a LLaVA JSON with media paths relative to the roo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import wave
 from dataclasses import dataclass
@@ -303,8 +305,6 @@ def sample_video_spec(rng: np.random.Generator, split: str = "train") -> VideoSp
 
 def all_specs(modality: str, split: str = "all") -> list[Spec]:
     """Every spec of ``modality`` in ``split`` (image: 720 in all; audio: 27; video: 96)."""
-    import itertools
-
     values = attribute_values(modality)
     specs = [spec_class(modality)(**dict(zip(values, combo))) for combo in itertools.product(*values.values())]
     return [s for s in specs if in_split(s, split)]
@@ -624,7 +624,7 @@ def caption(spec: Spec, rng: Optional[np.random.Generator] = None) -> str:
     lead = {"image": ("The picture shows {}.", "An image of {}.", "{} on a black background."),
             "audio": ("The clip plays {}.", "A recording of {}.", "You can hear {}."),
             "video": ("The video shows {}.", "A clip of {}.", "Footage of {}.")}[spec.modality]
-    return _pick(lead, rng).format(np_text)
+    return _sentence(_pick(lead, rng).format(np_text))
 
 
 def generation_request(spec: Spec, rng: Optional[np.random.Generator] = None) -> str:
@@ -725,11 +725,12 @@ def edit_request(spec: Spec, attribute: str, rng: Optional[np.random.Generator] 
         return f"Same again, but with {plural(v, count) if count > 1 else _article(v) + ' ' + v}."
     if attribute == "count":
         return f"Now draw {NUMBER_WORDS[v - 1]} of them."
+    it = "them" if count > 1 else "it"
     if attribute == "position":
-        return f"Now put it {word}."
+        return f"Now put {it} {word}."
     if attribute == "direction":
         return f"Now make it move {word}."
-    return _pick((f"Now make it {word}.", f"Same again, but {word}."), rng)
+    return _pick((f"Now make {it} {word}.", f"Same again, but {word}."), rng)
 
 
 # --------------------------------------------------------------------------- data set builders
@@ -800,7 +801,10 @@ def _dialogue(rng: np.random.Generator, split: str, ident: str, max_exchanges: i
     last = in_spec  # what "it" refers to in an edit request
     for k in range(int(rng.integers(1, max_exchanges + 1))):
         kinds = ["generate"] + (["ask", "ask", "describe"] if in_spec is not None else []) + (["edit"] if last else [])
-        kind = _pick(kinds, rng) if k else ("ask" if in_spec is not None and rng.random() < 0.7 else _pick(kinds, rng))
+        if k == 0 and in_spec is not None and rng.random() < 0.7:
+            kind = "ask"  # most dialogues open with a question about the input, as in LLaVA
+        else:
+            kind = _pick(kinds, rng)
         produced = None
         if kind == "ask":
             human, gpt, _ = question_answer(in_spec, None, rng)
@@ -824,8 +828,6 @@ def _dialogue(rng: np.random.Generator, split: str, ident: str, max_exchanges: i
             outputs.append({"turn": len(turns) - 1, "modality": produced.modality, "spec": produced.to_dict(),
                             "caption": canonical_caption(produced)})
             last = produced
-    if in_spec is not None and not turns[0]["value"].startswith(input_placeholder(in_mod)):
-        raise AssertionError("input placeholder must open the first human turn")
     sample["conversations"] = turns
     sample["outputs"] = outputs
     return sample
