@@ -178,6 +178,10 @@ class DecoderConfig(JsonConfig):
     arch: dict = field(default_factory=dict)
     init: str = "pretrained"
     options: dict = field(default_factory=dict)
+    # The decoder's published conditioning shape, e.g. [77, 768]. Read only on the meta
+    # device, where the decoder itself is not opened; otherwise the shape comes from the
+    # decoder's own text encoder and a disagreement is an error.
+    conditioning: Optional[list] = None
 
 
 @dataclass

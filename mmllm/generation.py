@@ -13,6 +13,10 @@ from typing import Any, Iterator
 import torch
 
 MEDIA_KEYS = ("image", "audio", "video")
+# generate() keywords that go to the diffusion decoders rather than to the LLM.
+DECODER_SETTINGS = ("guidance_scale", "num_inference_steps", "height", "width", "num_frames", "fps",
+                    "audio_length_in_s")
+RESULT_FIELD = {"image": "images", "audio": "audio", "video": "videos"}
 
 
 @dataclass
@@ -69,7 +73,29 @@ def build_request(model, prompt: str | None, media: dict[str, Any], history: lis
     return messages, lists
 
 
-def _generation_kwargs(model, max_new_tokens, temperature, top_p, extra) -> dict:
+@dataclass
+class MediaOptions:
+    """Output-side controls: which modalities may be produced, how many per turn, and
+    the decoder settings (steps, guidance, size, frames, audio length, seed)."""
+
+    allowed: set[str] | None = None
+    max_per_turn: int | None = None
+    seed: int | None = 0
+    settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def pop_from(cls, model, kwargs: dict) -> "MediaOptions":
+        allowed = kwargs.pop("output_modalities", None)
+        if allowed is not None:
+            allowed = {allowed} if isinstance(allowed, str) else set(allowed)
+            unknown = sorted(allowed - set(model.output_modalities))
+            if unknown:
+                raise ValueError(f"output_modalities {unknown} not available; this model outputs {list(model.output_modalities)}")
+        settings = {k: kwargs.pop(k) for k in DECODER_SETTINGS if k in kwargs}
+        return cls(allowed, kwargs.pop("max_media", None), kwargs.pop("media_seed", 0), settings)
+
+
+def _generation_kwargs(model, max_new_tokens, temperature, top_p, extra, media: MediaOptions | None = None) -> dict:
     tok = model.tokenizer
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
     eos = model.llm.generation_config.eos_token_id
@@ -78,6 +104,14 @@ def _generation_kwargs(model, max_new_tokens, temperature, top_p, extra) -> dict
         kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if model.signal_groups:
+        from transformers import LogitsProcessorList
+
+        from .signal import ForceSignalTokens
+
+        force = ForceSignalTokens(model.signal_groups, media.allowed if media else None,
+                                  media.max_per_turn if media else None)
+        kwargs["logits_processor"] = LogitsProcessorList([force, *extra.pop("logits_processor", [])])
     kwargs.update(extra)
     return kwargs
 
@@ -98,21 +132,45 @@ def _decode(model, sequences: torch.Tensor) -> list[GenerateResult]:
     return results
 
 
+@torch.no_grad()
+def _finish(model, batch, embeds, prefix, new_tokens: torch.Tensor, media: MediaOptions) -> list[GenerateResult]:
+    """Decode text; render every complete signal sequence through its decoder."""
+    results = _decode(model, new_tokens)
+    if not model.signal_groups or new_tokens.shape[1] == 0:
+        return results
+    # One more pass over prompt + answer gives the last-layer states at the signal tokens.
+    full_embeds = torch.cat([embeds, model.llm.get_input_embeddings()(new_tokens)], dim=1)
+    mask = torch.cat([batch.attention_mask, torch.ones_like(new_tokens)], dim=1)
+    with model.prefix_context(prefix):
+        hidden = model.llm.get_decoder()(inputs_embeds=full_embeds, attention_mask=mask,
+                                         position_ids=model.position_ids(mask), use_cache=False).last_hidden_state
+    answer = hidden[:, batch.input_ids.shape[1]:]  # (B, T_new, D)
+    for modality, cond in model.project_signals(new_tokens, answer).items():
+        rows = model.signal_positions(new_tokens, modality)[:, 0].tolist()
+        decoder = model.decoders[modality]
+        allowed = {k: v for k, v in media.settings.items() if k in decoder.defaults}
+        for row, one in zip(rows, cond):
+            out = decoder.generate(one.unsqueeze(0).to(decoder.pipeline.text_encoder.dtype), seed=media.seed, **allowed)
+            getattr(results[row], RESULT_FIELD[modality]).extend(out)
+    return results
+
+
 def generate(model, prompt: str | None = None, *, image=None, audio=None, video=None, history=None,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, stream: bool = False,
              seed: int | None = None, **generate_kwargs):
     """One request. Returns a ``GenerateResult``, or with ``stream=True`` a ``TextStream``
     that yields text pieces as they are produced and holds the result once exhausted."""
     messages, lists = build_request(model, prompt, {"image": image, "audio": audio, "video": video}, history)
+    media = MediaOptions.pop_from(model, generate_kwargs)
     if seed is not None:
         torch.manual_seed(seed)
     batch, embeds, prefix = _prepare(model, [messages], [lists])
-    kwargs = _generation_kwargs(model, max_new_tokens, temperature, top_p, generate_kwargs)
+    kwargs = _generation_kwargs(model, max_new_tokens, temperature, top_p, generate_kwargs, media)
     if stream:
-        return TextStream(model, embeds, batch.attention_mask, prefix, kwargs)
+        return TextStream(model, batch, embeds, prefix, kwargs, media)
     with torch.no_grad(), model.prefix_context(prefix):
         out = model.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, **kwargs)
-    return _decode(model, out)[0]
+    return _finish(model, batch, embeds, prefix, out, media)[0]
 
 
 def generate_batch(model, requests: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
@@ -128,13 +186,14 @@ def generate_batch(model, requests: list[dict], max_new_tokens: int = 256, tempe
                                         req.get("history"))
         convs.append(messages)
         media.append(lists)
+    options = MediaOptions.pop_from(model, generate_kwargs)
     if seed is not None:
         torch.manual_seed(seed)
     batch, embeds, prefix = _prepare(model, convs, media)
-    kwargs = _generation_kwargs(model, max_new_tokens, temperature, top_p, generate_kwargs)
+    kwargs = _generation_kwargs(model, max_new_tokens, temperature, top_p, generate_kwargs, options)
     with torch.no_grad(), model.prefix_context(prefix):
         out = model.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, **kwargs)
-    return _decode(model, out)
+    return _finish(model, batch, embeds, prefix, out, options)
 
 
 class TextStream:
@@ -143,10 +202,11 @@ class TextStream:
     Decoding runs in a worker thread; an error there is re-raised in the iterating thread.
     """
 
-    def __init__(self, model, embeds, attention_mask, prefix, kwargs):
+    def __init__(self, model, batch, embeds, prefix, kwargs, media: MediaOptions):
         from transformers import TextIteratorStreamer
 
         self.model = model
+        self._finish = lambda out: _finish(model, batch, embeds, prefix, out, media)[0]
         self.result: GenerateResult | None = None
         self._error: BaseException | None = None
         self._out: torch.Tensor | None = None
@@ -155,7 +215,7 @@ class TextStream:
         def work():
             try:
                 with torch.no_grad(), model.prefix_context(prefix):
-                    self._out = model.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                    self._out = model.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                                    streamer=self._streamer, **kwargs)
             except BaseException as err:  # surfaced in __iter__
                 self._error = err
@@ -171,4 +231,4 @@ class TextStream:
         self._thread.join()
         if self._error is not None:
             raise self._error
-        self.result = _decode(self.model, self._out)[0]
+        self.result = self._finish(self._out)

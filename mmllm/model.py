@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -15,13 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from projectors import build_input_projector
+from pipelines import build_decoder
+from projectors import build_input_projector, build_output_projector
 
 from .config import MMLLMConfig
 from .encoders import build_encoder
 from .llm import build_llm, load_tokenizer, resolve_dtype
 from .prefix import PrefixAttention
 from .processor import Batch, MMLLMProcessor, ModalitySpec
+from .signal import SignalEmbedding, SignalHead, signal_token_names
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "trainable.safetensors"
@@ -50,12 +51,15 @@ def _seeded(seed: int):
 
 
 class MMLLM(nn.Module):
-    def __init__(self, config: MMLLMConfig, llm: nn.Module, tokenizer=None, encoders: dict | None = None):
+    def __init__(self, config: MMLLMConfig, llm: nn.Module, tokenizer=None, encoders: dict | None = None,
+                 decoders: dict | None = None):
         super().__init__()
         self.config = config
         self.llm = llm
         self.tokenizer = tokenizer
         self.encoders = nn.ModuleDict(encoders or {})
+        # Frozen diffusion decoders: plain objects around stock pipelines, loaded lazily, never saved.
+        self.decoders = dict(decoders or {})
         width = llm.get_input_embeddings().embedding_dim
         self.input_projectors = nn.ModuleDict()
         self.prefix_attention: PrefixAttention | None = None
@@ -71,7 +75,46 @@ class MMLLM(nn.Module):
                 if self.prefix_attention is not None:
                     raise ValueError("only one modality can use a gated_prefix projector")
                 self.prefix_attention = PrefixAttention(llm, proj.gates)
+        self.output_projectors = nn.ModuleDict()
+        for modality, ocfg in config.outputs.items():
+            shape = self._target_shape(modality)
+            with _seeded(_component_seed(config.seed, "out." + modality)):
+                proj = build_output_projector(ocfg.projector.type, width, shape, ocfg.num_signal_tokens,
+                                              **ocfg.projector.options)
+            self.output_projectors[modality] = proj.to(dtype=next(llm.parameters()).dtype)
         self.processor = self._make_processor() if tokenizer is not None else None
+        self.signal_groups: dict[str, list[int]] = {}  # modality -> its signal-token ids, in order
+        if tokenizer is not None and config.outputs:
+            self._add_signal_tokens()
+
+    def _target_shape(self, modality: str) -> tuple:
+        """The decoder's conditioning shape, read from the decoder (or, on meta, from config)."""
+        dcfg = self.config.outputs[modality].decoder
+        if next(self.llm.parameters()).device.type == "meta":
+            if not dcfg.conditioning:
+                raise ValueError(
+                    f"building on the meta device does not open decoders; set outputs.{modality}.decoder.conditioning "
+                    "to the decoder's conditioning shape (e.g. [77, 768])"
+                )
+            return tuple(dcfg.conditioning)
+        shape = tuple(self.decoders[modality].conditioning_shape)
+        if dcfg.conditioning and tuple(dcfg.conditioning) != shape:
+            raise ValueError(
+                f"outputs.{modality}.decoder.conditioning says {tuple(dcfg.conditioning)} but the decoder's text "
+                f"encoder gives {shape}; fix or remove the config value"
+            )
+        return shape
+
+    def _add_signal_tokens(self) -> None:
+        tok = self.tokenizer
+        for modality, ocfg in self.config.outputs.items():
+            names = signal_token_names(ocfg.signal_prefix, ocfg.num_signal_tokens)
+            tok.add_tokens([n for n in names if n not in tok.get_vocab()], special_tokens=True)
+            self.signal_groups[modality] = tok.convert_tokens_to_ids(names)
+        ids = [t for group in self.signal_groups.values() for t in group]
+        with _seeded(_component_seed(self.config.seed, "signal")):
+            self.llm.set_input_embeddings(SignalEmbedding(self.llm.get_input_embeddings(), ids))
+            self.llm.set_output_embeddings(SignalHead(self.llm.get_output_embeddings(), ids))
 
     # ------------------------------------------------------------------ building
 
@@ -90,7 +133,8 @@ class MMLLM(nn.Module):
                 with _seeded(_component_seed(config.seed, "enc." + modality)):
                     encoders[modality] = build_encoder(config.inputs[modality].encoder, modality, encoders)
             tokenizer = None if on_meta else load_tokenizer(config.llm)
-            model = cls(config, llm, tokenizer, {m: encoders[m] for m in config.inputs})
+            decoders = {} if on_meta else {m: build_decoder(o.decoder) for m, o in config.outputs.items()}
+            model = cls(config, llm, tokenizer, {m: encoders[m] for m in config.inputs}, decoders)
         if dtype is not None and not on_meta:
             model.to(dtype=resolve_dtype(dtype))
         if device is not None and not on_meta:
@@ -117,6 +161,17 @@ class MMLLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
+
+    @property
+    def output_modalities(self) -> tuple[str, ...]:
+        return tuple(self.config.outputs)
+
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        device = next(self.llm.parameters()).device
+        for decoder in self.decoders.values():
+            decoder.to(device)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -212,6 +267,36 @@ class MMLLM(nn.Module):
 
     def forward_batch(self, batch: Batch, **kwargs) -> MMLLMOutput:
         return self(batch.input_ids, batch.attention_mask, batch.media, batch.media_sample, batch.labels, **kwargs)
+
+    # ------------------------------------------------------------------ output side
+
+    def signal_positions(self, input_ids: torch.Tensor, modality: str) -> torch.Tensor:
+        """(n, 2) [row, start] of every complete ``modality`` signal sequence, in order."""
+        group = torch.tensor(self.signal_groups[modality], device=input_ids.device)
+        k = group.numel()
+        if input_ids.shape[1] < k:
+            return input_ids.new_zeros((0, 2))
+        windows = input_ids.unfold(1, k, 1)  # (B, T-k+1, k)
+        return (windows == group).all(-1).nonzero()
+
+    def project_signals(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Last-layer states at each complete signal sequence -> the decoder's conditioning.
+
+        ``hidden`` is ``(B, T, D)`` aligned with ``input_ids``. Returns modality ->
+        ``(n, *target_shape)`` in order of appearance (row-major).
+        """
+        out = {}
+        embed = self.llm.get_input_embeddings()
+        for modality, proj in self.output_projectors.items():
+            pos = self.signal_positions(input_ids, modality)
+            if pos.shape[0] == 0:
+                continue
+            k = len(self.signal_groups[modality])
+            idx = pos[:, 1:2] + torch.arange(k, device=pos.device)  # (n, k)
+            states = hidden[pos[:, :1], idx]  # (n, k, D)
+            embeds = embed(input_ids[pos[:, :1], idx])  # (n, k, D), the signal rows
+            out[modality] = proj(states.to(next(proj.parameters()).dtype), embeds.to(next(proj.parameters()).dtype))
+        return out
 
     # ------------------------------------------------------------------ generation
 
