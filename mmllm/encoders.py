@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import EncoderConfig
+from .meta import building_on_meta
 from .registry import Registry
 
 ENCODERS = Registry("encoder backend")
@@ -112,7 +113,7 @@ class OpenClipImageEncoder(Encoder):
         else:
             if not cfg.source:
                 raise ValueError("open_clip encoder needs source= (an architecture name) or arch=")
-            meta = _on_meta()
+            meta = building_on_meta()
             pretrained = cfg.pretrained if cfg.init == "pretrained" and not meta else None
             model = open_clip.create_model(cfg.source, pretrained=pretrained, device="meta" if meta else "cpu")
         visual = model.visual
@@ -163,10 +164,6 @@ def _resize_normalize(images, size, mean, std) -> torch.Tensor:
     return (x - mean.cpu()) / std.cpu()
 
 
-def _on_meta() -> bool:
-    return torch.empty(0).device.type == "meta"
-
-
 # --------------------------------------------------------------------------- transformers CLIP vision
 
 
@@ -181,7 +178,7 @@ class HFClipVisionEncoder(Encoder):
         super().__init__(cfg)
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        if cfg.init == "pretrained" and cfg.source and not _on_meta():
+        if cfg.init == "pretrained" and cfg.source and not building_on_meta():
             self.tower = CLIPVisionModelWithProjection.from_pretrained(cfg.source)
         else:
             conf = CLIPVisionConfig(**cfg.arch) if cfg.arch else CLIPVisionConfig.from_pretrained(cfg.source)
@@ -235,7 +232,7 @@ class HFAudioEncoder(Encoder):
         import transformers
         from transformers import AutoConfig, AutoFeatureExtractor
 
-        if cfg.init == "pretrained" and cfg.source and not _on_meta():
+        if cfg.init == "pretrained" and cfg.source and not building_on_meta():
             conf = AutoConfig.from_pretrained(cfg.source)
             self.tower = _audio_tower_class(conf.model_type).from_pretrained(cfg.source)
             self.extractor = AutoFeatureExtractor.from_pretrained(cfg.source)

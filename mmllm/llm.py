@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import LLMConfig
+from .meta import building_on_meta
 
 SMOLLM2 = "smollm2"
 
@@ -111,15 +112,14 @@ def load_tokenizer(cfg: LLMConfig):
 def build_llm(cfg: LLMConfig, seed: int = 0, dtype=None):
     """The causal LM: pretrained weights, or a seeded random build from ``cfg.arch``.
 
-    Inside ``torch.device("meta")`` a random build allocates nothing, which is how presets
+    Inside ``mmllm.meta.meta_device()`` a random build allocates nothing, which is how presets
     are inspected without their weights.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = resolve_dtype(dtype or cfg.dtype)
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-    on_meta = torch.empty(0).device.type == "meta"
-    if cfg.init == "random" or on_meta:
+    if cfg.init == "random" or building_on_meta():
         if cfg.arch:
             arch = dict(cfg.arch)
             conf = AutoConfig.for_model(arch.pop("model_type"), **arch)

@@ -19,6 +19,7 @@ from projectors import build_input_projector, build_output_projector
 
 from .config import MMLLMConfig
 from .encoders import build_encoder
+from .meta import meta_device
 from .llm import build_llm, load_tokenizer, resolve_dtype
 from .prefix import PrefixAttention
 from .processor import Batch, MMLLMProcessor, ModalitySpec
@@ -123,7 +124,7 @@ class MMLLM(nn.Module):
         """Build every component from config. On ``device="meta"`` nothing is allocated or
         downloaded (random architecture builds, no tokenizer): use it to inspect shapes."""
         on_meta = str(device) == "meta"
-        ctx = torch.device("meta") if on_meta else contextlib.nullcontext()
+        ctx = meta_device() if on_meta else contextlib.nullcontext()
         with ctx:
             llm = build_llm(config.llm, seed=_component_seed(config.seed, "llm"), dtype=dtype)
             encoders: dict[str, nn.Module] = {}

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from mmllm import MMLLMConfig, available_presets
+from mmllm.registry import Registry
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_presets_round_trip_through_json(name, tmp_path):
+    cfg = MMLLMConfig.from_preset(name)
+    path = tmp_path / "c.json"
+    cfg.to_json(path)
+    again = MMLLMConfig.from_json(path)
+    assert again == cfg
+    assert json.loads(path.read_text()) == cfg.to_dict()
+
+
+def test_required_presets_exist():
+    assert {"tiny", "llava-1.5-7b", "nextgpt-7b", "nextgpt-7b-sd2"} <= set(available_presets())
+
+
+def test_overrides_dotted_and_nested():
+    cfg = MMLLMConfig.from_preset("tiny", seed=7, **{"llm.dtype": "bfloat16"},
+                                  inputs={"image": {"projector": {"type": "linear"}}})
+    assert cfg.seed == 7
+    assert cfg.llm.dtype == "bfloat16"
+    assert cfg.inputs["image"].projector.type == "linear"
+    # untouched siblings survive a nested override
+    assert cfg.inputs["image"].encoder.backend == "open_clip"
+    assert cfg.replace(**{"inputs.audio.projector.type": "resampler"}).inputs["audio"].projector.type == "resampler"
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(KeyError, match="valid keys"):
+        MMLLMConfig.from_preset("tiny", llm={"dtyp": "float32"})
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(KeyError, match="available presets"):
+        MMLLMConfig.from_preset("llava-1.5-7")
+
+
+def test_registry_is_exact_match_and_lazy():
+    reg = Registry("widget")
+    reg.register("json-dumps", "json:dumps")
+    assert reg.get("json-dumps") is json.dumps
+    with pytest.raises(KeyError, match=r"valid names: \['json-dumps'\]"):
+        reg.get("json")  # a prefix is not a match
