@@ -17,7 +17,7 @@ from torch import nn
 from pipelines import build_decoder
 from projectors import build_input_projector, build_output_projector
 
-from .config import MMLLMConfig
+from .config import LoraConfig, MMLLMConfig
 from .encoders import build_encoder
 from .meta import meta_device
 from .llm import build_llm, load_tokenizer, resolve_dtype
@@ -136,11 +136,35 @@ class MMLLM(nn.Module):
             tokenizer = None if on_meta else load_tokenizer(config.llm)
             decoders = {} if on_meta else {m: build_decoder(o.decoder) for m, o in config.outputs.items()}
             model = cls(config, llm, tokenizer, {m: encoders[m] for m in config.inputs}, decoders)
+            if config.llm.lora is not None:
+                model.add_lora(config.llm.lora)
         if dtype is not None and not on_meta:
             model.to(dtype=resolve_dtype(dtype))
         if device is not None and not on_meta:
             model.to(device)
         return model
+
+    def add_lora(self, lora: LoraConfig) -> None:
+        """Inject peft LoRA adapters into the LLM in place (no wrapper class, so ``get_decoder``
+        and the embedding accessors keep working) and record them in ``config.llm.lora``.
+
+        Adapter weights (names holding ``lora_``) are saved by ``trainable_state_dict``; LoRA B
+        starts at zero, so the model is unchanged until trained. Trainability is left exactly
+        as it was: freezing belongs to ``mmllm.training.freeze.set_trainable``.
+        """
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+
+        if any("lora_" in n for n, _ in self.llm.named_parameters()):
+            raise ValueError("the LLM already has LoRA adapters; add_lora is called once per model")
+        flags = {n: p.requires_grad for n, p in self.named_parameters()}
+        peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                  target_modules=list(lora.target_modules))
+        with _seeded(_component_seed(self.config.seed, "lora")):
+            inject_adapter_in_model(peft_cfg, self.llm)
+        for n, p in self.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+        self.config.llm.lora = lora
 
     def _make_processor(self) -> MMLLMProcessor:
         tok = self.tokenizer
@@ -181,13 +205,17 @@ class MMLLM(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None = None,
-              media_sample: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              media_sample: dict[str, torch.Tensor] | None = None,
+              features: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids and media -> (inputs_embeds (B, T, D), gated prefix (B, L, P, D) or None).
 
         Each modality's placeholder positions are filled, in order, with its projected features
-        via ``masked_scatter``; their count must match exactly.
+        via ``masked_scatter``; their count must match exactly. ``features`` holds precomputed
+        frozen-encoder outputs (modality -> (M, N, D_enc), e.g. from a training feature cache);
+        a modality given there skips its encoder.
         """
-        media = media or {}
+        features = features or {}
+        media = {**(media or {}), **features}
         media_sample = media_sample or {}
         spec = self.processor.modalities if self.processor else {}
         placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -206,7 +234,7 @@ class MMLLM(nn.Module):
                         f"pass the {modality} or remove the placeholder"
                     )
                 continue
-            feats = self.encoders[modality](x)  # (M, N, D_enc), frozen
+            feats = x if modality in features else self.encoders[modality](x)  # (M, N, D_enc), frozen
             feats = feats.to(next(proj.parameters()).dtype)
             if proj.kind == "prefix":
                 owner = media_sample.get(modality)
@@ -246,10 +274,10 @@ class MMLLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 media: dict | None = None, media_sample: dict | None = None, labels: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> MMLLMOutput:
+                output_hidden_states: bool = False, features: dict | None = None) -> MMLLMOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds, prefix = self.embed(input_ids, media, media_sample)
+        embeds, prefix = self.embed(input_ids, media, media_sample, features)
         with self.prefix_context(prefix):
             hidden = self.llm.get_decoder()(
                 inputs_embeds=embeds, attention_mask=attention_mask,
@@ -344,6 +372,12 @@ class MMLLM(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
+
+    def save_llava(self, path: str | os.PathLike, **kwargs) -> Path:
+        """Export the image -> text path as a transformers Llava directory; see ``mmllm.interop.llava.save_llava``."""
+        from .interop.llava import save_llava
+
+        return save_llava(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, **overrides) -> "MMLLM":
