@@ -12,13 +12,18 @@ DEFAULT_MODEL = "smollm2"
 
 
 def load(name_or_path: str | None = None, *, device=None, dtype=None, **overrides) -> MMLLM:
-    """A model from a ``save_pretrained`` directory, a preset name, or (no name) the embedded default.
+    """A model from a ``save_pretrained`` directory, a transformers Llava directory (see
+    ``mmllm.interop.llava.from_llava``), a preset name, or (no name) the embedded default.
 
     ``overrides`` change config fields (``seed=1``, ``**{"llm.dtype": "bfloat16"}``).
     """
     name = name_or_path or DEFAULT_MODEL
     path = Path(name)
     if (path / CONFIG_NAME).is_file():
+        from .interop.llava import from_llava, is_llava_checkpoint
+
+        if is_llava_checkpoint(path):  # a transformers Llava directory (unsupported variants are refused there)
+            return from_llava(path, device=device, dtype=dtype, **overrides)
         return MMLLM.from_pretrained(path, device=device, dtype=dtype, **overrides)
     if name in available_presets():
         return MMLLM.from_config(MMLLMConfig.from_preset(name, **overrides), device=device, dtype=dtype)
