@@ -255,8 +255,9 @@ def _export(path: Path, export: Path) -> None:
         llm.save_pretrained(tmp / "llm")
         tok.save_pretrained(tmp / "llm")
 
-        # Vision: the CLIP tower; mmllm's hf_clip backend loads CLIPVisionModelWithProjection.
-        tower = llava.model.vision_tower.vision_model
+        # Vision: the CLIP tower (a CLIPVisionModel); mmllm's hf_clip backend loads it inside a
+        # CLIPVisionModelWithProjection, whose vision_model it becomes.
+        tower = llava.model.vision_tower
         vconf = conf.vision_config
         with torch.device("meta"):
             vision = CLIPVisionModelWithProjection(vconf)
@@ -397,7 +398,7 @@ def save_llava(model: MMLLM, path: str | os.PathLike, *, drop_unsupported: bool 
              if not k.startswith("embed_tokens.")}
     state["model.language_model.embed_tokens.weight"] = _pad_rows(emb_w, vocab)
     state["lm_head.weight"] = _pad_rows(head_w, vocab)
-    state.update({f"model.vision_tower.{k}": v for k, v in enc.tower.state_dict().items() if k.startswith("vision_model.")})
+    state.update({f"model.vision_tower.{k}": v for k, v in enc.tower.vision_model.state_dict().items()})
     state.update({f"model.multi_modal_projector.{k}": v for k, v in proj.state_dict().items()})
 
     strategy = FEATURES_TO_STRATEGY[icfg.encoder.features]
