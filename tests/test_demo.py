@@ -1,0 +1,202 @@
+"""The web demo: page construction, the chat handler (streaming, history with media, bad
+input, inline media) and one round trip through a served page. Hermetic: the ``tiny``
+preset or ``demo.fake.EchoModel``; nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+import mmllm
+from demo.app import build_demo
+from demo.chat import Limits, Settings, Turn, model_history, respond, retry, undo
+from demo.examples import write_example_media
+from demo.fake import EchoModel
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return mmllm.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    return write_example_media(tmp_path_factory.mktemp("examples"), size=32)
+
+
+def run(model, message, turns=(), limits=None, out_dir=None, settings=None):
+    """All yields of one ``respond`` call -> (list of message lists, final turns)."""
+    steps = list(respond(model, message, list(turns), settings or Settings(max_new_tokens=6, temperature=0.0),
+                         limits or Limits(), out_dir or "unused"))
+    return [m for m, _ in steps], steps[-1][1]
+
+
+def test_build_demo_for_tiny_and_echo(tiny, tmp_path):
+    page = build_demo(tiny, model_name="tiny", workdir=tmp_path)
+    assert isinstance(page, gr.Blocks)
+    names = sorted(p.stem for p in (tmp_path / "examples").iterdir())
+    assert names == ["beep", "moving-right", "red-circle"]
+    types = {type(b).__name__ for b in page.blocks.values()}
+    assert {"Chatbot", "MultimodalTextbox", "Slider", "Button", "Image", "Video"} <= types
+    assert page._queue.max_size == 16
+    build_demo(EchoModel(), workdir=tmp_path / "echo")
+
+
+def test_respond_streams_text_for_text_and_image(tiny, media):
+    prompt, image = "Describe this image.", str(media["image"])
+    steps, turns = run(tiny, {"text": prompt, "files": [image]})
+    assert len(steps) >= 3, "the reply should arrive in pieces"
+    replies = [m[-1]["content"] for m in steps]
+    assert all(b.startswith(a) or a == "…" for a, b in zip(replies[:-2], replies[1:-1]))  # growing text
+    final = steps[-1]
+    assert final[0] == {"role": "user", "content": prompt}
+    assert final[1] == {"role": "user", "content": {"path": image}}
+    assert turns[-1].done and turns[-1].error is None
+    expected = tiny.generate(prompt, image=image, max_new_tokens=6, temperature=0.0).text
+    assert turns[-1].reply == expected
+
+
+def test_earlier_media_stay_in_context(media):
+    model = EchoModel()
+    _, turns = run(model, {"text": "Describe this image.", "files": [str(media["image"])]})
+    _, turns = run(model, {"text": "What sound is this?", "files": [str(media["audio"])]}, turns)
+    _, turns = run(model, "And what colour was the image?", turns)
+    history = model.calls[-1]["history"]
+    assert history[0] == {"role": "user", "content": "<image>\nDescribe this image.", "image": [str(media["image"])]}
+    assert history[1]["role"] == "assistant" and history[1]["content"].startswith("You said: Describe")
+    assert history[2]["audio"] == [str(media["audio"])] and history[2]["content"].startswith("<audio>\n")
+    assert model.calls[-1]["image"] is None and len(history) == 4
+
+
+def test_history_works_with_the_real_model(tiny, media):
+    _, turns = run(tiny, {"text": "Describe this image.", "files": [str(media["image"])]})
+    _, turns = run(tiny, {"text": "And this?", "files": [str(media["video"])]}, turns)
+    assert [t.error for t in turns] == [None, None]
+    assert model_history(tiny, turns)[2]["video"] == [str(media["video"])]
+
+
+def _corrupt_png(tmp_path) -> str:
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG not really")
+    return str(path)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty", "the message is empty"),
+    ("only_file", "add some text"),
+    ("unsupported", "unsupported file type '.txt'"),
+    ("too_large", "the upload limit is 0.0001 MB"),
+    ("corrupt", "broken.png: not a readable image file"),
+    ("outside", "must be uploaded through the page"),
+    ("missing", "file not found"),
+])
+def test_bad_input_gives_a_message_not_an_exception(case, expected, media, tmp_path):
+    model = EchoModel()
+    text, files, limits = "Describe this.", [], Limits()
+    if case == "empty":
+        text = "  "
+    elif case == "only_file":
+        text, files = "", [str(media["image"])]
+    elif case == "unsupported":
+        (tmp_path / "notes.txt").write_text("hello")
+        files = [str(tmp_path / "notes.txt")]
+    elif case == "too_large":
+        files, limits = [str(media["image"])], Limits(max_upload_mb=0.0001)
+    elif case == "corrupt":
+        files = [_corrupt_png(tmp_path)]
+    elif case == "outside":
+        files, limits = [str(media["image"])], Limits(roots=(str(tmp_path),))
+    elif case == "missing":
+        files = [str(tmp_path / "gone.png")]
+    steps, turns = run(model, {"text": text, "files": files}, limits=limits)
+    last = steps[-1][-1]
+    assert last["role"] == "assistant" and last["content"].startswith("⚠️") and expected in last["content"]
+    assert model.calls == [], "nothing reaches the model"
+    # The failed turn stays visible but out of the model's context.
+    run(model, "Hello", turns)
+    assert model.calls[-1]["history"] == []
+
+
+def test_media_the_model_cannot_read(media):
+    model = EchoModel()
+    model.input_modalities = ("image",)
+    steps, _ = run(model, {"text": "What sound is this?", "files": [str(media["audio"])]})
+    assert "this model cannot read audio; it reads image" in steps[-1][-1]["content"]
+
+
+def test_generated_media_render_inline(tmp_path):
+    model = EchoModel()
+    steps, turns = run(model, "Draw a red circle, play a sound and make it move left.", out_dir=tmp_path)
+    outputs = turns[-1].outputs
+    assert [m for m, _ in outputs] == ["image", "audio", "video"]
+    assert all(Path(p).is_file() and Path(p).parent == tmp_path for _, p in outputs)
+    assert np.asarray(Image.open(outputs[0][1]))[32, 32].tolist() != [0, 0, 0]  # the circle is drawn
+    files = [m["content"]["path"] for m in steps[-1] if isinstance(m["content"], dict)]
+    assert files == [p for _, p in outputs]
+    # Gradio's chatbot turns them into file messages it shows as an image, an audio player and a video.
+    shown = gr.Chatbot().postprocess(steps[-1]).model_dump()
+    mimes = [c["file"]["mime_type"] for msg in shown for c in msg["content"] if c["type"] == "file"]
+    assert mimes[0] == "image/png" and mimes[1].startswith("audio/") and mimes[2] in ("video/mp4", "image/gif")
+
+
+def test_decoder_settings_only_for_models_with_outputs():
+    settings = Settings(guidance_scale=3.0, num_inference_steps=7, num_frames=5, audio_length_in_s=2.0, seed=4)
+    assert set(settings.generate_kwargs(())) == {"max_new_tokens", "temperature", "top_p", "seed"}
+    assert settings.generate_kwargs(("image",))["num_inference_steps"] == 7
+    assert "num_frames" not in settings.generate_kwargs(("image",))
+    model = EchoModel()
+    run(model, "Draw a red circle.", settings=settings)
+    call = model.calls[-1]
+    assert (call["guidance_scale"], call["num_frames"], call["audio_length_in_s"], call["seed"]) == (3.0, 5, 2.0, 4)
+
+
+def test_retry_and_undo(media):
+    model = EchoModel()
+    _, turns = run(model, {"text": "Describe this image.", "files": [str(media["image"])]})
+    _, turns = run(model, "Draw a red circle.", turns)
+    steps = list(retry(model, turns, Settings(), "unused"))
+    retried = steps[-1][1]
+    assert len(retried) == 2 and len(model.calls) == 3
+    assert model.calls[-1]["prompt"] == "Draw a red circle." and len(model.calls[-1]["history"]) == 2
+    turns, message = undo(retried)
+    assert [t.text for t in turns] == ["Describe this image."]
+    assert message == {"text": "Draw a red circle.", "files": []}
+    turns, message = undo(turns)
+    assert turns == [] and message["files"] == [str(media["image"])]
+    assert undo([]) == ([], {"text": "", "files": []})
+
+
+def test_generation_failure_is_reported_in_chat():
+    class Broken(EchoModel):
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("out of memory")
+
+    steps, turns = run(Broken(), "Hello")
+    assert "generation failed: RuntimeError: out of memory" in steps[-1][-1]["content"]
+    assert isinstance(turns[-1], Turn) and turns[-1].error
+
+
+def test_served_page_round_trip(media, tmp_path):
+    """Launch the page and talk to it over HTTP with gradio_client."""
+    from gradio_client import Client, handle_file
+
+    page = build_demo(EchoModel(), workdir=tmp_path)
+    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                max_file_size="1mb", allowed_paths=[str(tmp_path)])
+    try:
+        client = Client(page.local_url, verbose=False, download_files=False)
+        settings = [16, 0.0, 1.0, 0, 7.5, 5, 4, 1.0]
+        out = client.predict({"text": "Describe this image.", "files": [handle_file(str(media["image"]))]},
+                             None, None, *settings, api_name="/on_submit")
+        chat, box = out[0], out[1]
+        assert chat[-1]["content"][0]["text"] == "You said: Describe this image. (with image)"
+        assert chat[1]["content"][0]["type"] == "file"
+        assert box is None or not box.get("text")
+        out = client.predict({"text": "", "files": []}, None, None, *settings, api_name="/on_submit")
+        assert "the message is empty" in out[0][-1]["content"][0]["text"]
+    finally:
+        page.close()
