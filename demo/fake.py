@@ -54,7 +54,7 @@ class EchoModel:
             result.videos.append(VideoOutput(frames, fps=4))
         if not stream:
             return result
-        return _Stream([w + " " for w in text.split(" ")], result)
+        return _Stream([(" " if i else "") + w for i, w in enumerate(text.split(" "))], result)
 
 
 def _pil(array):
