@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmllm
-from mmllm import EncoderConfig, InputConfig, LLMConfig, MMLLM, MMLLMConfig, ProjectorConfig
+from mmllm import EncoderConfig, InputConfig, LLMConfig, LoraConfig, MMLLM, MMLLMConfig, ProjectorConfig
 from mmllm.interop.llava import from_llava, save_llava
 from mmllm.llm import load_tokenizer
 
@@ -68,14 +68,14 @@ def mm_inputs(model: MMLLM, seed: int = 0):
     return batch.input_ids, batch.attention_mask, batch.media["image"]
 
 
-def assert_same(mm: MMLLM, llava, seed=0):
+def assert_same(mm: MMLLM, llava, seed=0, tol=1e-5):
     """Same logits (over mmllm's vocabulary) and the same greedy tokens."""
     ids, mask, pixels = mm_inputs(mm, seed)
     with torch.no_grad():
         ours = mm(ids, mask, media={"image": pixels}).logits  # (1, T, V)
         theirs = llava(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits  # (1, T, V')
     assert theirs.shape[-1] >= ours.shape[-1]
-    torch.testing.assert_close(ours, theirs[..., : ours.shape[-1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, theirs[..., : ours.shape[-1]], atol=tol, rtol=tol)
 
     result = mm.generate(PROMPT, image=_image(seed), max_new_tokens=8)
     with torch.no_grad():
@@ -202,18 +202,22 @@ def test_refuses_chat_template_it_cannot_use(tmp_path, tokenizer):
 # --------------------------------------------------------------------------- mmllm -> Llava
 
 
-def tiny_mmllm(features="patch", projector="mlp2x_gelu", seed=0) -> MMLLM:
+def tiny_mmllm(features="patch", projector="mlp2x_gelu", lora=None) -> MMLLM:
+    """A tiny random mmllm model with an hf_clip image encoder (tied embeddings, vocab 49152)."""
     arch = {"model_type": "llama", "vocab_size": 49152, "tie_word_embeddings": True, **TEXT}
     config = MMLLMConfig(
-        seed=seed, max_length=512,
-        llm=LLMConfig(tokenizer="smollm2", init="random", arch=arch),
+        max_length=512,
+        llm=LLMConfig(tokenizer="smollm2", init="random", arch=arch, lora=lora),
         inputs={"image": InputConfig(
             encoder=EncoderConfig(backend="hf_clip", init="random", arch=VISION, feature_layer=-2, features=features),
             projector=ProjectorConfig(type=projector))},
     )
     model = MMLLM.from_config(config)
-    with torch.no_grad():
-        model.input_projectors["image"].linear_2.weight.normal_(0, 0.5) if projector == "mlp2x_gelu" else None
+    torch.manual_seed(0)
+    with torch.no_grad():  # spread the outputs, as in make_llava
+        for name, p in model.named_parameters():
+            if name.endswith("linear_2.weight") or "lora_B" in name:
+                p.normal_(0, 0.5)
     return model
 
 
@@ -253,3 +257,22 @@ def test_save_llava_refuses_linear_projector_which_roundtrips_in_mmllm(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(ids, mask, media={"image": pixels}).logits,
                                    mm(ids, mask, media={"image": pixels}).logits)
+
+
+def test_save_llava_merges_lora(tmp_path):
+    mm = tiny_mmllm(lora=LoraConfig(r=4, alpha=8, dropout=0.0))
+    assert any("lora_B" in n for n, _ in mm.llm.named_parameters())
+    save_llava(mm, tmp_path / "llava")
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    assert not any("lora" in k for k in llava.state_dict())
+    # W x + B (A x) vs (W + B A) x: fp32 rounding, ~1e-4 on logits of size ~15 after 2 wide-init layers.
+    assert_same(mm, llava, tol=5e-4)
+
+
+def test_save_llava_refuses_what_llava_cannot_hold(tmp_path):
+    mm = mmllm.load("tiny")  # open_clip image encoder, plus audio and video inputs
+    with pytest.raises(ValueError, match="drop_unsupported=True"):
+        save_llava(mm, tmp_path / "a")
+    with pytest.raises(ValueError, match="backend 'hf_clip'"):
+        save_llava(mm, tmp_path / "b", drop_unsupported=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

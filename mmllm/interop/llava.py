@@ -346,11 +346,29 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
 
 
+def _merged_state(decoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The decoder's state dict with any peft LoRA adapters merged into their base weights
+    (W + B A * scaling), under the plain names; the model itself is left untouched."""
+    state = decoder.state_dict()
+    if not any("lora_" in k for k in state):
+        return state
+    out = {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+    for name, module in decoder.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            key = f"{name}.weight"
+            with torch.no_grad():
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        out[key] = out[key] + module.get_delta_weight(adapter).to(out[key].dtype)
+    return out
+
+
 def save_llava(model: MMLLM, path: str | os.PathLike, *, drop_unsupported: bool = False) -> Path:
     """Write ``model``'s image -> text path as a transformers Llava directory (model, tokenizer, processor).
 
     Needs an ``image`` input with an ``hf_clip`` encoder (features ``patch`` or ``all``) and an
-    ``mlp2x_gelu`` projector, and an LLM without unmerged LoRA. Other inputs and the output side
+    ``mlp2x_gelu`` projector. LoRA adapters on the LLM are merged into the exported weights
+    (the model is not changed). Other inputs and the output side
     have no Llava equivalent: they are refused unless ``drop_unsupported=True`` leaves them out.
     If the image token lies past the LLM's vocabulary, the embedding and LM head are padded with
     zero rows to cover it and the generation config suppresses the padded ids, so transformers
@@ -379,10 +397,9 @@ def save_llava(model: MMLLM, path: str | os.PathLike, *, drop_unsupported: bool 
             f"transformers' Llava projector is Linear -> GELU -> Linear; a {icfg.projector.type!r} projector has no "
             "Llava equivalent. Use projector type 'mlp2x_gelu', or keep this model in mmllm's format (save_pretrained)."
         )
-    if any("lora_" in n for n, _ in model.llm.named_parameters()):
-        raise ValueError("the LLM carries unmerged LoRA weights; merge them first "
-                         "(model.llm = model.llm.merge_and_unload()) and call save_llava again")
     head = model.llm.get_output_embeddings()
+    if hasattr(head, "base_layer") or hasattr(model.llm.get_input_embeddings(), "base_layer"):
+        raise ValueError("LoRA on the embedding or LM head cannot be exported; target attention/MLP layers only")
     if getattr(getattr(head, "base", head), "bias", None) is not None:
         raise ValueError("Llava's LM head has no bias; this LLM's head has one, so it cannot be exported")
 
@@ -394,7 +411,7 @@ def save_llava(model: MMLLM, path: str | os.PathLike, *, drop_unsupported: bool 
     text_config.vocab_size = vocab
 
     # Llava state dict, in transformers 5 names.
-    state = {f"model.language_model.{k}": v for k, v in model.llm.get_decoder().state_dict().items()
+    state = {f"model.language_model.{k}": v for k, v in _merged_state(model.llm.get_decoder()).items()
              if not k.startswith("embed_tokens.")}
     state["model.language_model.embed_tokens.weight"] = _pad_rows(emb_w, vocab)
     state["lm_head.weight"] = _pad_rows(head_w, vocab)
