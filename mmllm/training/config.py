@@ -1,0 +1,91 @@
+"""``TrainConfig``: every training setting, as data (JSON round-trip, presets in ``configs/train``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mmllm.config import JsonConfig, LoraConfig
+
+STAGES = ("stage1_enc", "stage1_dec", "stage1", "stage2")
+PRECISIONS = ("fp32", "no", "bf16", "fp16")
+NAN_POLICIES = ("skip", "stop")
+MIXES = ("mixed", "alternate")
+
+
+@dataclass
+class TrainConfig(JsonConfig):
+    """One training run.
+
+    stage: which parameters learn (``mmllm.training.freeze.set_trainable``): ``stage1_enc``
+        (input projectors), ``stage1_dec`` (output projectors + signal-token rows), ``stage1``
+        (both) or ``stage2`` (LoRA + projectors + signal-token rows).
+    model: preset name or ``save_pretrained`` directory (a training output dir works too).
+    captions / generation / conversations: data files (JSONL, CSV; conversations also LLaVA
+        JSON). Captions feed the encoding side, generation pairs the decoding side, both in
+        LLaVA's "plain" format; conversations are chat-template multi-turn dialogues.
+    data_root: media paths in the data files are relative to it (default: each file's folder).
+    steps: optimiser steps; ``epochs`` is used when ``steps`` is 0.
+    batch_size: samples per micro-batch and process; global batch = batch_size x grad_accum x processes.
+    lr / projector_lr: learning rate of LoRA and signal rows / of the projectors (None: ``lr``).
+    warmup_ratio: linear warmup share of the steps, then cosine decay to 0.
+    precision: ``fp32`` (or ``no``), ``bf16`` or ``fp16`` mixed precision (accelerate).
+    l2_scale: per-modality weight of the L2 loss to the decoder's text conditioning.
+    mix: ``mixed`` batches (sources interleaved row by row) or ``alternate`` (whole batches).
+    save_every / eval_every / log_every: in optimiser steps; 0 disables.
+    resume: a checkpoint directory, or ``latest`` for the newest under ``out/checkpoints``.
+    nan_policy: on a NaN/Inf loss, ``skip`` the step (weights untouched) or ``stop``.
+    strict: stop at the first bad data row (with its row number) instead of skipping it.
+    feature_cache: directory written by ``scripts/cache_features.py``; media and targets found
+        there are read instead of running the frozen encoders / decoder text encoders.
+    """
+
+    stage: str = "stage1"
+    model: str = "tiny"
+    out: str = "runs/stage1"
+    captions: Optional[str] = None
+    generation: Optional[str] = None
+    conversations: Optional[str] = None
+    data_root: Optional[str] = None
+    steps: int = 0
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 4e-4
+    projector_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    lm_scale: float = 1.0
+    l2_scale: dict = field(default_factory=lambda: {"image": 1.0, "audio": 1.0, "video": 1.0})
+    mix: str = "mixed"
+    shuffle_buffer: int = 0
+    lora: Optional[LoraConfig] = None
+    save_every: int = 0
+    eval_every: int = 0
+    log_every: int = 1
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    nan_policy: str = "skip"
+    strict: bool = False
+    feature_cache: Optional[str] = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = (("stage", self.stage, STAGES), ("precision", self.precision, PRECISIONS),
+                  ("nan_policy", self.nan_policy, NAN_POLICIES), ("mix", self.mix, MIXES))
+        for name, value, valid in checks:
+            if value not in valid:
+                raise ValueError(f"TrainConfig.{name}={value!r}; use one of {list(valid)}")
+        if self.steps <= 0 and self.epochs <= 0:
+            raise ValueError("set steps > 0 or epochs > 0")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+
+    @property
+    def mixed_precision(self) -> str:
+        """The ``Accelerator(mixed_precision=...)`` value."""
+        return "no" if self.precision in ("fp32", "no") else self.precision
