@@ -63,6 +63,7 @@ def test_generate_saves_media_and_lists_paths(monkeypatch, tmp_path, capsys):
     assert lines[0] == "You said: Play a sound." and lines[1].startswith("[audio] ") and lines[1].endswith(".wav")
 
 
+@pytest.mark.slow
 def test_generate_through_the_console_script(media):
     """The installed entry point, in a fresh process, with the real tiny model."""
     proc = subprocess.run([sys.executable, "-m", "mmllm.cli", "generate", "--model", "tiny", "--image",
@@ -117,6 +118,7 @@ def _spawn(args, cwd, code=None):
     return pexpect.spawn(sys.executable, argv, cwd=str(cwd), env=env, encoding="utf-8", timeout=120)
 
 
+@pytest.mark.slow
 def test_chat_with_image_in_a_terminal(media, tmp_path):
     child = _spawn(["chat", "--model", "tiny", "--max-new-tokens", "4", "--out", str(tmp_path)], REPO)
     try:

@@ -200,3 +200,49 @@ def test_served_page_round_trip(media, tmp_path):
         assert "the message is empty" in out[0][-1]["content"][0]["text"]
     finally:
         page.close()
+
+
+def test_full_queue_turns_requests_away(tmp_path):
+    """One request runs, one waits (max_queue=1); the third is told the queue is full."""
+    import threading
+
+    from gradio_client import Client
+
+    release = threading.Event()
+
+    class Slow(EchoModel):
+        def generate(self, *args, **kwargs):
+            release.wait(30)
+            return super().generate(*args, **kwargs)
+
+    page = build_demo(Slow(), workdir=tmp_path, concurrency=1, max_queue=1)
+    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        client = Client(page.local_url, verbose=False, download_files=False)
+        settings = [16, 0.0, 1.0, 0, 7.5, 5, 4, 1.0]
+
+        def submit(text):
+            return client.submit({"text": text, "files": []}, None, None, *settings, api_name="/on_submit")
+
+        first = submit("one")
+        _wait_for(lambda: first.status().code.name in ("PROCESSING", "ITERATING"))
+        second = submit("two")
+        _wait_for(lambda: second.status().code.name == "IN_QUEUE")
+        third = submit("three")
+        with pytest.raises(Exception, match="(?i)queue is full"):
+            third.result(timeout=30)
+        release.set()
+        assert first.result(timeout=30)[0][-1]["content"][0]["text"] == "You said: one"
+        assert second.result(timeout=30)[0][-1]["content"][0]["text"] == "You said: two"
+    finally:
+        release.set()
+        page.close()
+
+
+def _wait_for(condition, timeout=20.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
