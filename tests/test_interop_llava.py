@@ -209,7 +209,8 @@ def tiny_mmllm(features="patch", projector="mlp2x_gelu", lora=None) -> MMLLM:
         max_length=512,
         llm=LLMConfig(tokenizer="smollm2", init="random", arch=arch, lora=lora),
         inputs={"image": InputConfig(
-            encoder=EncoderConfig(backend="hf_clip", init="random", arch=VISION, feature_layer=-2, features=features),
+            encoder=EncoderConfig(backend="hf_clip", init="random", arch=VISION, feature_layer=-2, features=features,
+                                  options={"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}),
             projector=ProjectorConfig(type=projector))},
     )
     model = MMLLM.from_config(config)
@@ -241,6 +242,7 @@ def test_save_llava_opens_in_transformers(tmp_path, features, strategy):
 
     # And back: the exported checkpoint opens in mmllm with the same outputs.
     back = from_llava(tmp_path / "llava", export_dir=tmp_path / "export")
+    assert back.encoders["image"].std.flatten().tolist() == [0.25, 0.25, 0.25]  # read from the saved processor
     ids, mask, pixels = mm_inputs(mm)
     with torch.no_grad():
         torch.testing.assert_close(back(ids, mask, media={"image": pixels}).logits[..., :49152],
@@ -270,7 +272,9 @@ def test_save_llava_merges_lora(tmp_path):
 
 
 def test_save_llava_refuses_what_llava_cannot_hold(tmp_path):
-    mm = mmllm.load("tiny")  # open_clip image encoder, plus audio and video inputs
+    tiny = MMLLMConfig.from_preset("tiny")
+    inputs = {m: tiny.inputs[m].to_dict() for m in ("image", "video")}  # open_clip image encoder + video
+    mm = MMLLM.from_config(MMLLMConfig.from_dict({**tiny.to_dict(), "inputs": inputs}))
     with pytest.raises(ValueError, match="drop_unsupported=True"):
         save_llava(mm, tmp_path / "a")
     with pytest.raises(ValueError, match="backend 'hf_clip'"):

@@ -213,9 +213,15 @@ def llava_tokenizer(path: str | os.PathLike, conf):
 
 
 def _image_norm(path: Path) -> tuple[list[float], list[float]]:
-    f = path / "preprocessor_config.json"
-    data = json.loads(f.read_text()) if f.is_file() else {}
-    return list(data.get("image_mean") or CLIP_MEAN), list(data.get("image_std") or CLIP_STD)
+    """The checkpoint's image mean/std (from its image processor), else CLIP's."""
+    from transformers import AutoImageProcessor
+
+    try:
+        proc = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError):  # no image processor saved beside the model
+        return list(CLIP_MEAN), list(CLIP_STD)
+    mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
+    return [float(v) for v in (mean or CLIP_MEAN)], [float(v) for v in (std or CLIP_STD)]
 
 
 def _fingerprint(path: Path) -> str:
