@@ -1,0 +1,607 @@
+"""The toy world's frozen encoders and decoders, pretrained on the world itself.
+
+Every component is a stock upstream class saved with ``save_pretrained`` and loaded by
+mmllm's real backends, exactly as a downloaded checkpoint would be::
+
+    <root>/clip/            transformers CLIPModel + CLIPTokenizer + CLIPImageProcessor
+                            (image encoder: ``hf_clip``; its text tower conditions the decoders)
+    <root>/audio_encoder/   transformers ASTModel + ASTFeatureExtractor (``hf_audio``);
+                            text_encoder/ holds the CLIP text tower it was trained against
+    <root>/vae/             diffusers AutoencoderKL, 32x32 RGB -> 16x16x4 (shared by the decoders)
+    <root>/image_decoder/   diffusers StableDiffusionPipeline (``stable_diffusion``)
+    <root>/audio_decoder/   StableDiffusionPipeline drawing 16x64 log-mel spectrograms,
+                            + spectrogram.json (``spectrogram_sd``: Griffin-Lim inversion)
+    <root>/video_decoder/   diffusers TextToVideoSDPipeline, 8 frames of 32x32 (``text_to_video_sd``)
+
+``build_components(root)`` builds whatever is missing. A directory is complete when its
+``toy_component.json`` exists and names the same builds of its dependencies (a rebuilt
+CLIP invalidates the decoders conditioned on its text tower). Each component is built
+in a temporary directory and renamed into place, so an interrupted build leaves nothing
+half-written. Everything trains on the ``train`` split only: held-out attribute pairs
+measure compositional generalisation (``mmllm.toy.quality``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+IMAGE_SIZE = 32
+VIDEO_FRAMES = 8
+SAMPLE_RATE = 16000
+MAX_TEXT_LENGTH = 32  # the longest world caption is 19 word-level tokens
+MARKER = "toy_component.json"
+COMPONENTS = ("clip", "audio_encoder", "vae", "image_decoder", "audio_decoder", "video_decoder")
+DEPENDS = {
+    "clip": (),
+    "audio_encoder": ("clip",),  # reuses the CLIP tokenizer
+    "vae": (),
+    "image_decoder": ("clip", "vae"),
+    "audio_decoder": ("audio_encoder", "vae"),
+    "video_decoder": ("clip", "vae"),
+}
+# SD-1.x noise schedule, shared by training and the saved DDIM sampler.
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@dataclass
+class BuildSettings:
+    """Step counts, batch sizes and pool sizes of every component's training run.
+
+    The defaults fit a build from nothing in about 15 minutes on 2 CPU cores (see
+    docs/TOY.md); ``BuildSettings.fast()`` is a few steps each, for tests.
+    """
+
+    steps: dict = field(default_factory=lambda: {
+        "clip": 500, "audio_encoder": 300, "vae": 300,
+        "image_decoder": 1200, "audio_decoder": 600, "video_decoder": 500,
+    })
+    batch: dict = field(default_factory=lambda: {
+        "clip": 128, "audio_encoder": 64, "vae": 64,
+        "image_decoder": 64, "audio_decoder": 64, "video_decoder": 12,
+    })
+    lr: dict = field(default_factory=lambda: {
+        "clip": 1e-3, "audio_encoder": 1e-3, "vae": 1e-3,
+        "image_decoder": 1e-3, "audio_decoder": 1e-3, "video_decoder": 1e-3,
+    })
+    pool: dict = field(default_factory=lambda: {"image": 4000, "audio": 1500, "video": 800})
+    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    canonical_fraction: float = 0.6  # decoders: share of canonical captions (the stage-1 targets)
+
+    @classmethod
+    def fast(cls) -> "BuildSettings":
+        return cls(
+            steps={k: 2 for k in COMPONENTS},
+            batch={k: 4 for k in COMPONENTS},
+            pool={"image": 16, "audio": 8, "video": 4},
+        )
+
+    def override(self, steps: Optional[dict] = None) -> "BuildSettings":
+        unknown = sorted(set(steps or {}) - set(COMPONENTS))
+        if unknown:
+            raise KeyError(f"unknown component(s) {unknown} in steps; valid: {list(COMPONENTS)}")
+        return replace(self, steps={**self.steps, **(steps or {})})
+
+
+def default_root() -> Path:
+    """``$MMLLM_CACHE/toy`` (default ``~/.cache/mmllm/toy``)."""
+    from mmllm.llm import cache_dir
+
+    return cache_dir() / "toy"
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+def _marker(path: Path) -> Optional[dict]:
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(root: str | os.PathLike, name: str) -> bool:
+    """True when ``root/name`` was fully built against the current builds of its dependencies."""
+    root = Path(root)
+    info = _marker(root / name)
+    if info is None:
+        return False
+    for dep in DEPENDS[name]:
+        dep_info = _marker(root / dep)
+        if dep_info is None or info.get("depends", {}).get(dep) != dep_info.get("build_id"):
+            return False
+    return True
+
+
+def _commit(root: Path, name: str, tmp: Path, info: dict) -> Path:
+    """Write the marker into ``tmp`` and rename it to ``root/name`` (replacing any old one)."""
+    info = {"component": name, "build_id": uuid.uuid4().hex, "built_at": time.time(),
+            "depends": {d: _marker(root / d)["build_id"] for d in DEPENDS[name]}, **info}
+    (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    final = root / name
+    if final.exists():
+        old = root / f".{name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, sum(ord(c) * 131 ** i for i, c in enumerate(name)) % (2 ** 31)])
+
+
+def _progress(iterable, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, disable=not enabled, leave=False, mininterval=2.0)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _optimizer(params, lr: float, steps: int):
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    return opt, sched
+
+
+# --------------------------------------------------------------------------- data
+
+
+def corpus(seed: int = 0, n: int = 3000) -> list[str]:
+    """Captions and requests of every modality, for training the tokenizer."""
+    rng = _rng(seed, "corpus")
+    texts = []
+    for m in world.MODALITIES:
+        for spec in world.all_specs(m):
+            texts.append(world.canonical_caption(spec))
+        for _ in range(n):
+            spec = world.sample_spec(rng, m, "all")
+            texts += [world.caption(spec, rng), world.generation_request(spec, rng)]
+    return texts
+
+
+def build_tokenizer(seed: int = 0):
+    """A ``CLIPTokenizer`` with word-level BPE merges learned from the world's text.
+
+    It keeps the byte alphabet of ``pipelines.tiny.tiny_clip_tokenizer``, so any text
+    still tokenizes; world captions become one token per word.
+    """
+    from pipelines.tiny import tiny_clip_tokenizer
+
+    return tiny_clip_tokenizer(MAX_TEXT_LENGTH).train_new_from_iterator(corpus(seed), vocab_size=600)
+
+
+def sample_caption(spec, rng: np.random.Generator, canonical_fraction: float = 0.5, dropout: float = 0.0) -> str:
+    u = rng.random()
+    if u < dropout:
+        return ""
+    if u < dropout + canonical_fraction:
+        return world.canonical_caption(spec)
+    return world.caption(spec, rng)
+
+
+def image_pool(n: int, rng: np.random.Generator, split: str = "train"):
+    """(specs, uint8 (N, 32, 32, 3)) jittered renderings."""
+    specs = [world.sample_spec(rng, "image", split) for _ in range(n)]
+    return specs, np.stack([world.render_image(s, IMAGE_SIZE, rng=rng) for s in specs])
+
+
+def video_pool(n: int, rng: np.random.Generator, split: str = "train"):
+    """(specs, uint8 (N, T, 32, 32, 3))."""
+    specs = [world.sample_spec(rng, "video", split) for _ in range(n)]
+    return specs, np.stack([world.render_video(s, IMAGE_SIZE, VIDEO_FRAMES, rng=rng) for s in specs])
+
+
+def audio_pool(n: int, rng: np.random.Generator, split: str = "train"):
+    """(specs, float32 (N, 16000)) one-second clips."""
+    specs = [world.sample_spec(rng, "audio", split) for _ in range(n)]
+    return specs, np.stack([world.render_audio(s, SAMPLE_RATE, 1.0, rng=rng) for s in specs])
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1] (the VAE's range)."""
+    x = torch.from_numpy(images).float().div(127.5).sub(1.0)
+    return x.movedim(-1, -3)
+
+
+def spectrogram_images(waves: np.ndarray, mel) -> torch.Tensor:
+    """float (N, S) -> (N, 3, n_mels, frames) in [-1, 1], grey repeated over RGB."""
+    img = mel.to_image(torch.from_numpy(waves))  # (N, n_mels, frames) in [0, 1]
+    return img.mul(2).sub(1).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def _contrastive(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * a @ b.T  # (B, B)
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def _text_config(tokenizer, **overrides) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=MAX_TEXT_LENGTH,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, **overrides)
+
+
+def _tokens(tokenizer, captions: list[str], device) -> torch.Tensor:
+    # No attention mask, padding to max length: exactly what the SD pipelines feed the text encoder.
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progress: bool) -> dict:
+    """Train a tiny CLIPModel contrastively on world images and captions; save to ``out``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    rng = _rng(seed, "clip")
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(seed)
+    config = CLIPConfig(
+        text_config=_text_config(tokenizer),
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=64, intermediate_size=256,
+                           num_hidden_layers=3, num_attention_heads=4),
+        projection_dim=64,
+    )
+    model = CLIPModel(config).to(device).train()
+    specs, images = image_pool(settings.pool["image"], rng)
+    pixels = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)  # (N, 3, H, W)
+    mean, std = pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))
+    pixels = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    steps, batch = settings.steps["clip"], settings.batch["clip"]
+    opt, sched = _optimizer(model.parameters(), settings.lr["clip"], steps)
+    losses = []
+    for _ in (bar := _progress(range(steps), "clip", progress)):
+        idx = rng.choice(len(specs), size=min(batch, len(specs)), replace=False)
+        captions = [sample_caption(specs[i], rng) for i in idx]
+        result = model(input_ids=_tokens(tokenizer, captions, device), pixel_values=pixels[idx].to(device),
+                       return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        result.loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(result.loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval().to("cpu").save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                       image_mean=mean.tolist(), image_std=std.tolist()).save_pretrained(out)
+    return {"final_loss": float(np.mean(losses[-20:])), "image_mean": mean.tolist(), "image_std": std.tolist()}
+
+
+def build_audio_encoder(out: Path, clip_dir: Path, settings: BuildSettings, device: str, seed: int,
+                        progress: bool) -> dict:
+    """Train a tiny ASTModel contrastively against a small CLIP text tower on world audio.
+
+    The AST goes to ``out`` (with its ASTFeatureExtractor); the text tower, trained on
+    audio captions, goes to ``out/text_encoder`` for the spectrogram decoder.
+    """
+    from transformers import (ASTConfig, ASTFeatureExtractor, ASTModel, CLIPTextConfig,
+                              CLIPTextModelWithProjection, CLIPTokenizer)
+
+    rng = _rng(seed, "audio_encoder")
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    specs, waves = audio_pool(settings.pool["audio"], rng)
+    extractor = ASTFeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, num_mel_bins=32, max_length=100,
+                                    do_normalize=False)
+    feats = extractor(list(waves), sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_values"]  # (N, 100, 32)
+    mean, std = float(feats.mean()), float(feats.std() * 2)  # AST's convention: std doubled
+    extractor = ASTFeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, num_mel_bins=32, max_length=100,
+                                    do_normalize=True, mean=mean, std=std)
+    feats = (feats - mean) / std
+    ast = ASTModel(ASTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
+                             patch_size=16, num_mel_bins=32, max_length=100, frequency_stride=16,
+                             time_stride=8)).to(device).train()
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(tokenizer), projection_dim=64)).to(device).train()
+    head = torch.nn.Linear(ast.config.hidden_size, 64).to(device)  # discarded after training
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
+    params = [*ast.parameters(), *text.parameters(), *head.parameters(), logit_scale]
+    steps, batch = settings.steps["audio_encoder"], settings.batch["audio_encoder"]
+    opt, sched = _optimizer(params, settings.lr["audio_encoder"], steps)
+    losses = []
+    for _ in (bar := _progress(range(steps), "audio_encoder", progress)):
+        idx = rng.choice(len(specs), size=min(batch, len(specs)), replace=False)
+        captions = [sample_caption(specs[i], rng) for i in idx]
+        audio_emb = head(ast(feats[idx].to(device)).pooler_output)
+        text_emb = text(input_ids=_tokens(tokenizer, captions, device)).text_embeds
+        loss = _contrastive(audio_emb, text_emb, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    ast.eval().to("cpu").save_pretrained(out)
+    extractor.save_pretrained(out)
+    text.eval().to("cpu").save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "text_encoder")
+    return {"final_loss": float(np.mean(losses[-20:])), "feature_mean": mean, "feature_std": std}
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progress: bool) -> dict:
+    """A small AutoencoderKL (32x32 -> 16x16x4) trained on images, video frames and spectrograms."""
+    from diffusers import AutoencoderKL
+    from pipelines.spectrogram import MelSpectrogramSpec
+
+    rng = _rng(seed, "vae")
+    torch.manual_seed(seed)
+    _, images = image_pool(settings.pool["image"] // 2, rng)
+    _, videos = video_pool(max(1, settings.pool["video"] // 8), rng)
+    _, waves = audio_pool(settings.pool["audio"] // 2, rng)
+    square = torch.cat([to_unit(images), to_unit(videos.reshape(-1, *videos.shape[2:]))])  # (N, 3, 32, 32)
+    spectro = spectrogram_images(waves, MelSpectrogramSpec())  # (M, 3, 16, 64)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE).to(device).train()
+    steps, batch = settings.steps["vae"], settings.batch["vae"]
+    opt, sched = _optimizer(vae.parameters(), settings.lr["vae"], steps)
+    losses = []
+    for step in (bar := _progress(range(steps), "vae", progress)):
+        pool = spectro if step % 4 == 3 else square  # a quarter of the steps on spectrograms
+        x = pool[rng.choice(len(pool), size=min(batch, len(pool)), replace=False)].to(device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(F.mse_loss(recon, x).item())
+        bar.set_postfix(mse=f"{losses[-1]:.4f}")
+    vae.eval()
+    with torch.no_grad():
+        sample = square[: 512].to(device)
+        latents = vae.encode(sample).latent_dist.mode()
+        recon_mse = F.mse_loss(vae.decode(latents).sample, sample).item()
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))  # SD's convention: unit-variance latents
+    vae.to("cpu").save_pretrained(out)
+    return {"recon_mse": recon_mse, "scaling_factor": vae.config.scaling_factor}
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+@torch.no_grad()
+def _latents(vae, pixels: torch.Tensor, device: str, chunk: int = 256) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> scaled latent means (N, 4, H/2, W/2) on the CPU."""
+    out = [vae.encode(pixels[i:i + chunk].to(device)).latent_dist.mode().cpu() for i in range(0, len(pixels), chunk)]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, tokenizer, settings: BuildSettings,
+                    name: str, device: str, rng: np.random.Generator, progress: bool,
+                    to_unet: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict:
+    """The standard noise-prediction loss on ``latents`` conditioned on the frozen text encoder."""
+    scheduler = _scheduler()
+    alphas = scheduler.alphas_cumprod
+    unet.to(device).train()
+    text_encoder.to(device).eval().requires_grad_(False)
+    steps, batch = settings.steps[name], settings.batch[name]
+    opt, sched = _optimizer(unet.parameters(), settings.lr[name], steps)
+    losses = []
+    for _ in (bar := _progress(range(steps), name, progress)):
+        idx = rng.choice(len(specs), size=min(batch, len(specs)), replace=False)
+        captions = [sample_caption(specs[i], rng, settings.canonical_fraction, settings.caption_dropout) for i in idx]
+        with torch.no_grad():
+            cond = text_encoder(_tokens(tokenizer, captions, device))[0]  # (B, L, D), as encode_prompt does
+        x0 = latents[idx].to(device)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(alphas), (len(idx),))
+        noisy = scheduler.add_noise(x0, noise, t)
+        pred = unet(to_unet(noisy), t.to(device), encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, to_unet(noise))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    unet.eval().to("cpu")
+    text_encoder.to("cpu")
+    return {"final_loss": float(np.mean(losses[-50:]))}
+
+
+def _unet2d(sample_size, text_width: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=16,
+        cross_attention_dim=text_width, attention_head_dim=8,
+    )
+
+
+def _save_sd(out: Path, vae, text_encoder, tokenizer, unet) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out)
+
+
+def clip_text_encoder(clip_dir: str | os.PathLike):
+    """The text tower of a saved CLIPModel as a ``CLIPTextModel`` (what SD pipelines hold)."""
+    from transformers import CLIPModel, CLIPTextModel
+
+    clip = CLIPModel.from_pretrained(clip_dir)
+    text = CLIPTextModel(clip.config.text_config)
+    text.text_model.load_state_dict(clip.text_model.state_dict())
+    return text.eval()
+
+
+def build_image_decoder(out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
+                        progress: bool) -> dict:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    rng = _rng(seed, "image_decoder")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
+    text_encoder = clip_text_encoder(root / "clip")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
+    specs, images = image_pool(settings.pool["image"], rng)
+    latents = _latents(vae, to_unit(images), device)  # (N, 4, 16, 16)
+    unet = _unet2d(latents.shape[-1], text_encoder.config.hidden_size)
+    info = _train_denoiser(unet, latents, specs, text_encoder, tokenizer, settings, "image_decoder", device, rng,
+                           progress)
+    _save_sd(out, vae.to("cpu"), text_encoder, tokenizer, unet)
+    return info
+
+
+def build_audio_decoder(out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
+                        progress: bool) -> dict:
+    from diffusers import AutoencoderKL
+    from pipelines.spectrogram import MelSpectrogramSpec
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    rng = _rng(seed, "audio_decoder")
+    torch.manual_seed(seed)
+    mel = MelSpectrogramSpec()
+    vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
+    text_dir = root / "audio_encoder" / "text_encoder"
+    text_encoder = CLIPTextModel.from_pretrained(text_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(text_dir)
+    specs, waves = audio_pool(settings.pool["audio"], rng)
+    latents = _latents(vae, spectrogram_images(waves, mel), device)  # (N, 4, 8, 32)
+    unet = _unet2d(list(latents.shape[-2:]), text_encoder.config.hidden_size)
+    info = _train_denoiser(unet, latents, specs, text_encoder, tokenizer, settings, "audio_decoder", device, rng,
+                           progress)
+    _save_sd(out, vae.to("cpu"), text_encoder, tokenizer, unet)
+    mel.save(out)
+    return info
+
+
+def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
+                        progress: bool) -> dict:
+    from diffusers import AutoencoderKL, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTokenizer
+
+    rng = _rng(seed, "video_decoder")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
+    text_encoder = clip_text_encoder(root / "clip")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
+    specs, videos = video_pool(settings.pool["video"], rng)
+    n, t = videos.shape[:2]
+    frames = _latents(vae, to_unit(videos.reshape(n * t, *videos.shape[2:])), device)  # (N*T, 4, 16, 16)
+    latents = frames.view(n, t, *frames.shape[1:])  # (N, T, 4, h, w); the UNet wants (N, 4, T, h, w)
+    unet = UNet3DConditionModel(
+        sample_size=latents.shape[-1], in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+        cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8,
+    )
+    info = _train_denoiser(unet, latents, specs, text_encoder, tokenizer, settings, "video_decoder", device, rng,
+                           progress, to_unet=lambda x: x.transpose(1, 2))
+    TextToVideoSDPipeline(vae=vae.to("cpu"), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                          scheduler=_scheduler()).save_pretrained(out)
+    return info
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def build_components(root: str | os.PathLike | None = None, device: str = "cpu", fast: bool = False,
+                     seed: int = 0, steps: Optional[dict] = None, settings: Optional[BuildSettings] = None,
+                     only: Optional[list[str]] = None, force: bool = False, progress: bool = True,
+                     log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Build every missing toy component under ``root`` (default ``default_root()``).
+
+    ``fast`` uses ``BuildSettings.fast()`` (a few steps: for tests); ``steps`` overrides
+    step counts per component; ``only`` restricts the build to some components (their
+    missing dependencies are built too); ``force`` rebuilds even complete ones.
+    Returns ``{name: directory}`` for every component. Timings go into each
+    directory's ``toy_component.json``.
+    """
+    root = Path(root) if root is not None else default_root()
+    root.mkdir(parents=True, exist_ok=True)
+    settings = (settings or (BuildSettings.fast() if fast else BuildSettings())).override(steps)
+    wanted = list(COMPONENTS) if only is None else _with_dependencies(only)
+    for name in COMPONENTS:
+        if name not in wanted or (is_complete(root, name) and not force):
+            continue
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
+        start = time.time()
+        log(f"building toy {name} in {root} ...")
+        try:
+            info = _build_one(name, tmp, root, settings, device, seed, progress)
+            info.update(seconds=round(time.time() - start, 1), device=str(device), seed=seed,
+                        steps=settings.steps[name], batch=settings.batch[name])
+            _commit(root, name, tmp, info)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log(f"built toy {name} in {time.time() - start:.0f} s")
+    return {name: root / name for name in COMPONENTS}
+
+
+def _with_dependencies(names: list[str]) -> list[str]:
+    unknown = sorted(set(names) - set(COMPONENTS))
+    if unknown:
+        raise KeyError(f"unknown toy component(s) {unknown}; valid: {list(COMPONENTS)}")
+    out = set()
+    stack = list(names)
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack.extend(DEPENDS[n])
+    return [n for n in COMPONENTS if n in out]
+
+
+def _build_one(name: str, out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
+               progress: bool) -> dict:
+    if name == "clip":
+        return build_clip(out, settings, device, seed, progress)
+    if name == "audio_encoder":
+        return build_audio_encoder(out, root / "clip", settings, device, seed, progress)
+    if name == "vae":
+        return build_vae(out, settings, device, seed, progress)
+    builder = {"image_decoder": build_image_decoder, "audio_decoder": build_audio_decoder,
+               "video_decoder": build_video_decoder}[name]
+    return builder(out, root, settings, device, seed, progress)
+
+
+def component_info(root: str | os.PathLike | None = None) -> dict[str, Optional[dict]]:
+    """Each component's ``toy_component.json`` (None where missing)."""
+    root = Path(root) if root is not None else default_root()
+    return {name: _marker(root / name) for name in COMPONENTS}
+
+
+__all__ = ["BuildSettings", "COMPONENTS", "build_components", "build_tokenizer", "component_info",
+           "default_root", "is_complete"]
