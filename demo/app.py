@@ -53,9 +53,9 @@ def build_demo(model, *, model_name: str = "model", max_upload_mb: float = 20.0,
             file_types=suffixes or None, file_count="multiple", show_label=False, autofocus=True,
             sources=["upload", "microphone"] if "audio" in reads else ["upload"], elem_id="message")
         with gr.Row():
-            retry_btn = gr.Button("↻ Retry", size="sm")
-            undo_btn = gr.Button("↶ Undo", size="sm")
-            clear_btn = gr.Button("🗑 Clear", size="sm")
+            retry_btn = gr.Button("Retry", size="sm", elem_id="retry")
+            undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
+            clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
         with gr.Accordion("Webcam", open=False, visible="image" in reads or "video" in reads):
             with gr.Row():
                 cam_image = gr.Image(sources=["webcam"], type="filepath", label="Photo",
