@@ -162,6 +162,7 @@ class MMLLM(nn.Module):
                                   target_modules=list(lora.target_modules))
         with _seeded(_component_seed(self.config.seed, "lora")):
             inject_adapter_in_model(peft_cfg, self.llm)
+        self.llm.train(self.llm.training)  # new adapter modules (their dropout) follow the LLM's mode
         for n, p in self.named_parameters():
             p.requires_grad_(flags.get(n, True))
         self.config.llm.lora = lora
