@@ -271,12 +271,30 @@ def test_save_llava_merges_lora(tmp_path):
     assert_same(mm, llava, tol=5e-4)
 
 
-def test_save_llava_refuses_what_llava_cannot_hold(tmp_path):
-    tiny = MMLLMConfig.from_preset("tiny")
-    inputs = {m: tiny.inputs[m].to_dict() for m in ("image", "video")}  # open_clip image encoder + video
-    mm = MMLLM.from_config(MMLLMConfig.from_dict({**tiny.to_dict(), "inputs": inputs}))
-    with pytest.raises(ValueError, match="drop_unsupported=True"):
-        save_llava(mm, tmp_path / "a")
+def test_save_llava_refuses_other_encoders(tmp_path):
+    tiny = MMLLMConfig.from_preset("tiny")  # open_clip image encoder
+    mm = MMLLM.from_config(MMLLMConfig.from_dict({**tiny.to_dict(), "inputs": {"image": tiny.inputs["image"].to_dict()},
+                                                  "outputs": {}}), device="meta")
     with pytest.raises(ValueError, match="backend 'hf_clip'"):
-        save_llava(mm, tmp_path / "b", drop_unsupported=True)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+        save_llava(mm, tmp_path / "llava")
+    assert not (tmp_path / "llava").exists()
+
+
+def test_save_llava_drops_the_output_side_on_request(tmp_path):
+    """Other inputs and the output side are refused, or left out on request (base rows only)."""
+    tiny = MMLLMConfig.from_preset("tiny")
+    image_in = tiny_mmllm().config.inputs["image"].to_dict()
+    video_in = tiny.inputs["video"].to_dict()
+    config = MMLLMConfig.from_dict({**tiny.to_dict(), "inputs": {"image": image_in, "video": video_in},
+                                    "outputs": {"image": tiny.outputs["image"].to_dict()}})
+    mm = MMLLM.from_config(config)
+    with pytest.raises(ValueError, match=r"also has \['video', 'outputs\.image'\].*drop_unsupported=True"):
+        save_llava(mm, tmp_path / "llava")
+    save_llava(mm, tmp_path / "llava", drop_unsupported=True)
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    assert llava.config.text_config.vocab_size == 49153  # base rows + the image token, no signal tokens
+    ids, mask, pixels = mm_inputs(mm)
+    with torch.no_grad():
+        ours = mm(ids, mask, media={"image": pixels}).logits[..., :49152]
+        theirs = llava(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[..., :49152]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
