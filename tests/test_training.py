@@ -1,0 +1,320 @@
+"""Training: freezing, data and label masks, the feature cache, both stages, resume, NaN handling.
+
+Hermetic: the tiny preset (random LLM, encoders and decoders built from config) and a toy
+data set written to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import mmllm
+from mmllm.toy.world import write_dataset
+from mmllm.training import (Collator, DataError, DataReport, ExampleBuilder, StreamingData, TrainConfig,
+                            TrainingModule, build_feature_cache, conversation_labels, parameter_counts,
+                            set_trainable, sources_from, train, trainable_rule)
+from mmllm.training.data import iter_json_array
+
+LLAMA2_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<<SYS>>' + message['content'] + '<</SYS>>' }}"
+    "{% elif message['role'] == 'user' %}{{ bos_token + '[INST] ' + message['content'].strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    model = mmllm.load("tiny")
+    for d in model.decoders.values():
+        d.encode_text(["warm up"])  # build the tiny pipelines once; copies share them
+    return model
+
+
+def fresh(model):
+    """An independent copy of the model's modules; the frozen decoders are shared."""
+    return copy.deepcopy(model, memo={id(d): d for d in model.decoders.values()})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, base_model):
+    root = tmp_path_factory.mktemp("toy")
+    paths = write_dataset(root, n=4, size=16, seconds=0.5, frames=4, n_dialogues=4)
+    caps = [json.loads(x) for x in paths["captions"].read_text().splitlines()]
+    first = {m: next(c["path"] for c in caps if c["modality"] == m) for m in ("image", "audio", "video")}
+    turn = lambda frm, text: {"from": frm, "value": text}  # noqa: E731
+    dialogues = [
+        {"id": "a", "image": first["image"], "conversations": [
+            turn("human", "<image>\nWhat is this?"), turn("gpt", "A red circle."),
+            turn("human", "Play two beeps."), turn("gpt", "Here you are. <gen:audio>")],
+         "outputs": [{"modality": "audio", "caption": "two high beeps"}]},
+        {"id": "b", "audio": first["audio"], "conversations": [
+            turn("human", "<audio>\nMake a clip of it."), turn("gpt", "Sure. <gen:video>")],
+         "outputs": [{"modality": "video", "caption": "a blue square moving up"}]},
+        {"id": "c", "video": first["video"], "conversations": [
+            turn("human", "<video>\nDraw the shape."), turn("gpt", "Done. <gen:image>"),
+            turn("human", "Thanks!"), turn("gpt", "You are welcome.")],
+         "outputs": [{"modality": "image", "caption": "a large green cross"}]},
+    ]
+    conv = root / "conv.json"
+    conv.write_text(json.dumps(dialogues))
+    return {"root": root, "captions": str(paths["captions"]), "generation": str(paths["generation"]),
+            "conversations": str(conv), "toy_dialogues": str(paths["dialogues"])}
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before, model):
+    after = model.state_dict()
+    assert set(after) >= set(before)
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def batch_loss(model, cfg: TrainConfig, feature_cache=None):
+    """Loss of the whole (small) data set as one batch, in eval mode."""
+    report = DataReport(strict=True)
+    stream = StreamingData(sources_from(cfg.captions, cfg.generation, cfg.conversations),
+                           ExampleBuilder(model, cfg.data_root), 10_000, report)
+    examples = next(iter(stream))
+    batch = Collator(model, report, feature_cache)(examples)
+    module = TrainingModule(model, cfg.lm_scale, cfg.l2_scale)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        loss, parts = module(**batch.inputs())
+    model.train(was)
+    return loss.item(), parts
+
+
+# --------------------------------------------------------------------------- freezing
+
+
+def test_set_trainable_each_stage(base_model):
+    model = fresh(base_model)
+    emb, head = model.llm.get_input_embeddings(), model.llm.get_output_embeddings()
+    for stage, expect in (("stage1_enc", {"input_projectors"}), ("stage1_dec", {"output_projectors", "new_rows"}),
+                          ("stage1", {"input_projectors", "output_projectors", "new_rows"})):
+        set_trainable(model, stage)
+        on = {n for n, p in model.named_parameters() if p.requires_grad}
+        kinds = {("new_rows" if n.endswith("new_rows") else n.split(".")[0]) for n in on}
+        assert kinds == expect, stage
+        assert not emb.base.weight.requires_grad and not head.base.weight.requires_grad
+    assert "llm (LoRA)" not in parameter_counts(model)
+    set_trainable(model, "stage2")  # injects LoRA from the default LoraConfig
+    on = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in on) and any("lora_B" in n for n in on)
+    assert all(trainable_rule("stage2")(n) for n in on)
+    assert not emb.base.weight.requires_grad
+    # The LLM keeps its class and accessors after LoRA, and LoRA weights are saved.
+    assert model.llm.get_decoder() is not None and model.llm.get_input_embeddings() is emb
+    assert any("lora_" in k for k in model.trainable_state_dict())
+    counts = parameter_counts(model)
+    assert counts["llm (base)"][0] == 0 and counts["llm (LoRA)"][0] > 0 and counts["encoders.image"][0] == 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_label_mask_two_chat_templates(base_model):
+    proc = base_model.processor
+    sig = "".join(base_model.tokenizer.convert_ids_to_tokens(base_model.signal_groups["image"]))
+    messages = [
+        {"role": "user", "content": "<image>\nWhat colour is it?"},
+        {"role": "assistant", "content": "It is red."},
+        {"role": "user", "content": "Draw a blue one."},
+        {"role": "assistant", "content": f"Here it is. {sig}"},
+    ]
+    llama = copy.copy(proc)
+    llama.tokenizer = copy.deepcopy(proc.tokenizer)
+    llama.tokenizer.chat_template = LLAMA2_TEMPLATE
+    tok = proc.tokenizer
+    eos = tok.eos_token
+    for processor, expected in ((proc, ["It is red." + eos, f"Here it is. {sig}" + eos]),
+                                (llama, [" It is red. " + eos, f" Here it is. {sig} " + eos])):
+        ids, labels = conversation_labels(processor, messages)
+        assert len(ids) == len(labels)
+        spans, cur = [], []
+        for t, lab in zip(ids, labels):
+            if lab != -100:
+                assert lab == t
+                cur.append(t)
+            elif cur:
+                spans.append(cur)
+                cur = []
+        if cur:
+            spans.append(cur)
+        got = [tok.decode(s) for s in spans]
+        assert got == expected, (processor.tokenizer.chat_template[:30], got)
+        # Every user token and the template's scaffolding stay unsupervised.
+        assert "What colour" not in tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+
+
+def test_examples_and_bad_rows(base_model, data, tmp_path):
+    good = json.loads(open(data["captions"]).readline())
+    rows = [good, {"modality": "image", "path": "missing.png", "caption": "x"}, "not json",
+            {"modality": "smell", "path": good["path"], "caption": "x"}, {"modality": "image", "path": good["path"]}]
+    f = tmp_path / "caps.jsonl"
+    f.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    builder = ExampleBuilder(base_model, data["root"])
+    report = DataReport()
+    stream = StreamingData(sources_from(captions=str(f)), builder, 8, report)
+    batches = list(stream)
+    assert sum(len(b) for b in batches) == 1
+    assert report.count == 4 and [b.row for b in report.rows] == [2, 3, 4, 5]
+    assert "missing.png" in report.rows[0].reason and "row 3" in report.summary()
+    with pytest.raises(DataError, match="row 2"):
+        list(StreamingData(sources_from(captions=str(f)), builder, 8, DataReport(strict=True)))
+    ex = batches[0][0]
+    n_img = base_model.processor.modalities["image"].num_tokens
+    assert ex.ids[:n_img] == [base_model.processor.modalities["image"].token_id] * n_img
+    assert ex.labels[:n_img] == [-100] * n_img and ex.labels[-1] == base_model.tokenizer.eos_token_id
+    # Generation rows supervise exactly the signal tokens and EOS and carry their L2 caption.
+    gen = next(iter(StreamingData(sources_from(generation=data["generation"]), builder, 1, DataReport())))[0]
+    sup = [t for t in gen.labels if t != -100]
+    m = next(iter(gen.targets))
+    assert sup == base_model.signal_groups[m] + [base_model.tokenizer.eos_token_id]
+    # Conversations: markers became signal tokens, targets follow marker order, media resolved.
+    conv = [e for b in StreamingData(sources_from(conversations=data["conversations"]), builder, 8, DataReport())
+            for e in b]
+    assert [list(e.targets) for e in conv] == [["audio"], ["video"], ["image"]]
+    assert conv[0].media["image"][0].startswith(str(data["root"]))
+
+
+def test_streaming_json_array(tmp_path):
+    items = [{"i": i, "text": "x" * (i * 37 % 101)} for i in range(50)]
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps(items, indent=1))
+    got = [v for _, v in iter_json_array(f, chunk=16)]
+    assert got == items
+
+
+def test_feature_cache_matches_live_encoders(base_model, data, tmp_path):
+    model = fresh(base_model)
+    cfg = TrainConfig(captions=data["captions"], generation=data["generation"], conversations=data["conversations"])
+    stream = StreamingData(sources_from(cfg.captions, cfg.generation, cfg.conversations),
+                           ExampleBuilder(model, None), 1, DataReport(strict=True))
+    counts = build_feature_cache(model, (e for b in stream for e in b), tmp_path / "cache", shard_size=5)
+    assert counts["features"] > 0 and counts["targets"] > 0
+    assert len(list((tmp_path / "cache").glob("shard-*.safetensors"))) > 1
+    from mmllm.training import FeatureCache
+
+    cache = FeatureCache(tmp_path / "cache", model)
+    live, live_parts = batch_loss(model, cfg)
+    cached, cached_parts = batch_loss(model, cfg, cache)
+    assert set(live_parts) == set(cached_parts) and any(k.startswith("l2_") for k in live_parts)
+    assert cached == pytest.approx(live, rel=1e-5, abs=1e-6)
+    # A cache written for another encoder is refused.
+    other = mmllm.MMLLMConfig.from_preset("tiny", seed=1)
+    stale = type("M", (), {"config": other})()
+    with pytest.raises(ValueError, match="rebuild"):
+        FeatureCache(tmp_path / "cache", stale)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def test_stage1_lowers_loss_and_trains_only_projectors_and_signal_rows(base_model, data, tmp_path):
+    model = fresh(base_model)
+    cfg = TrainConfig(stage="stage1", out=str(tmp_path / "s1"), captions=data["captions"],
+                      generation=data["generation"], steps=30, batch_size=8, lr=1e-2, warmup_ratio=0.0,
+                      progress=False, save_every=0)
+    before_loss, _ = batch_loss(model, cfg)
+    before = snapshot(model)
+    result = train(cfg, model=model)
+    after_loss, _ = batch_loss(model, cfg)
+    assert result.steps == 30 and len(result.losses) == 30
+    assert after_loss < 0.8 * before_loss, (before_loss, after_loss)
+    rule = trainable_rule("stage1")
+    expected = {k for k in before if rule(k)}
+    assert expected and changed(before, model) == expected
+    assert "llm.model.embed_tokens.base.weight" not in changed(before, model)
+    # The finished stage opens with mmllm.load and holds the trained weights.
+    loaded = mmllm.load(str(tmp_path / "s1" / "model"))
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(loaded.trainable_state_dict()[k], v), k
+
+
+def test_stage2_from_stage1_output(base_model, data, tmp_path):
+    s1 = fresh(base_model)
+    s1.save_pretrained(tmp_path / "s1" / "model")
+    model = mmllm.load(str(tmp_path / "s1" / "model"))
+    set_trainable(model, "stage2")  # adds LoRA; snapshot after, so LoRA tensors are compared too
+    cfg = TrainConfig(stage="stage2", model=str(tmp_path / "s1"), out=str(tmp_path / "s2"),
+                      conversations=data["conversations"], steps=25, batch_size=3, lr=1e-2, projector_lr=5e-3,
+                      warmup_ratio=0.0, progress=False)
+    before_loss, parts = batch_loss(model, cfg)
+    assert {"l2_image", "l2_audio", "l2_video"} <= set(parts)
+    before = snapshot(model)
+    train(cfg, model=model)
+    after_loss, _ = batch_loss(model, cfg)
+    assert after_loss < 0.8 * before_loss, (before_loss, after_loss)
+    rule = trainable_rule("stage2")
+    expected = {k for k in before if rule(k)}
+    assert any("lora_" in k for k in expected)
+    assert changed(before, model) == expected
+    loaded = mmllm.load(str(tmp_path / "s2" / "model"))
+    assert loaded.config.llm.lora is not None
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model.eval()
+    assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6)
+
+
+def test_resume_is_exact(base_model, data, tmp_path):
+    def config(out, **kw):
+        return TrainConfig(stage="stage1", out=str(out), captions=data["captions"], generation=data["generation"],
+                           steps=6, batch_size=3, grad_accum=2, lr=5e-3, shuffle_buffer=5, save_every=3,
+                           eval_every=1, progress=False, **kw)
+
+    full_model = fresh(base_model)
+    full = train(config(tmp_path / "full"), model=full_model, eval_fn=lambda m, s: {})
+
+    def stop_at_4(model, step):
+        if step == 4:
+            raise KeyboardInterrupt("simulated crash after the step-3 checkpoint")
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "cut"), model=fresh(base_model), eval_fn=stop_at_4)
+    assert (tmp_path / "cut" / "checkpoints" / "step-00000003").is_dir()
+    assert not list((tmp_path / "cut" / "checkpoints").glob(".tmp-*"))
+    ckpt = tmp_path / "cut" / "checkpoints" / "step-00000003"
+    saved = sum(f.stat().st_size for f in ckpt.glob("model*.safetensors"))
+    assert saved < 4 * sum(v.numel() for v in full_model.trainable_state_dict().values()) * 1.1  # no frozen weights
+    resumed_model = fresh(base_model)
+    resumed = train(config(tmp_path / "cut", resume="latest"), model=resumed_model, eval_fn=lambda m, s: {})
+    assert resumed.losses == pytest.approx(full.losses, rel=0, abs=1e-6)
+    a, b = full_model.trainable_state_dict(), resumed_model.trainable_state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-7), k
+
+
+def test_nan_loss_skip_and_stop(base_model, data, tmp_path):
+    model = fresh(base_model)
+    before = snapshot(model)
+    cfg = TrainConfig(stage="stage1_enc", out=str(tmp_path / "nan"), captions=data["captions"], steps=2,
+                      batch_size=4, lm_scale=float("nan"), progress=False)
+    result = train(cfg, model=model)
+    assert result.skipped_steps == [1, 2] and not changed(before, model)
+    with pytest.raises(FloatingPointError, match="step 1"):
+        train(cfg.replace(nan_policy="stop", out=str(tmp_path / "nan2")), model=fresh(base_model))
+
+
+def test_cli_config_precedence(tmp_path):
+    from mmllm.training.cli import build_parser, config_from_args
+
+    f = tmp_path / "c.json"
+    TrainConfig(steps=7, lr=1e-3, batch_size=2).to_json(f)
+    parser = build_parser("x", ("stage1", "stage1_enc", "stage1_dec"))
+    cfg = config_from_args(parser.parse_args(["--config", str(f), "--lr", "0.5", "--stage", "stage1_dec",
+                                              "--l2-scale", '{"video": 2}', "--strict"]))
+    assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.stage, cfg.strict) == (7, 0.5, 2, "stage1_dec", True)
+    assert cfg.l2_scale["video"] == 2 and cfg.l2_scale["image"] == 1.0
+    with pytest.raises(ValueError, match="stage"):
+        TrainConfig(stage="stage3")
