@@ -168,7 +168,8 @@ class Trainer:
         counts = set_trainable(self.model, cfg.stage, cfg.lora)
         if not sum(counts.values()):
             raise ValueError(f"stage {cfg.stage!r} leaves nothing trainable in this model")
-        self.print(f"stage {cfg.stage}: trainable parameters\n{parameter_table(self.model)}")
+        self.print(f"stage {cfg.stage} on {acc.num_processes} process(es) ({acc.distributed_type}, "
+                   f"precision {cfg.precision}): trainable parameters\n{parameter_table(self.model)}")
         if cfg.gradient_checkpointing:
             self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.to(acc.device)
@@ -310,9 +311,9 @@ class Trainer:
             (out / "bad_rows.json").write_text(json.dumps({"count": self.report.count, "rows": self.report.to_json()}, indent=1))
             self.print(self.report.summary())
             self.print(f"saved {result.model_dir} (open it with mmllm.load)")
-        if acc.log_with:
-            acc.end_training()
         acc.wait_for_everyone()
+        for tracker in acc.trackers:  # not acc.end_training(): that also tears down the process group
+            tracker.finish()
         return result
 
 
