@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines import build_decoder
 from projectors import build_input_projector, build_output_projector
 
 from .config import LoraConfig, MMLLMConfig
@@ -134,6 +133,8 @@ class MMLLM(nn.Module):
                 with _seeded(_component_seed(config.seed, "enc." + modality)):
                     encoders[modality] = build_encoder(config.inputs[modality].encoder, modality, encoders)
             tokenizer = None if on_meta else load_tokenizer(config.llm)
+            from pipelines import build_decoder  # pipelines imports mmllm.config: import it late, no cycle
+
             decoders = {} if on_meta else {m: build_decoder(o.decoder) for m, o in config.outputs.items()}
             model = cls(config, llm, tokenizer, {m: encoders[m] for m in config.inputs}, decoders)
             if config.llm.lora is not None:
