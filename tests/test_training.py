@@ -223,13 +223,13 @@ def test_feature_cache_matches_live_encoders(base_model, data, tmp_path):
 def test_stage1_lowers_loss_and_trains_only_projectors_and_signal_rows(base_model, data, tmp_path):
     model = fresh(base_model)
     cfg = TrainConfig(stage="stage1", out=str(tmp_path / "s1"), captions=data["captions"],
-                      generation=data["generation"], steps=30, batch_size=8, lr=1e-2, warmup_ratio=0.0,
+                      generation=data["generation"], steps=20, batch_size=8, lr=1e-2, warmup_ratio=0.0,
                       progress=False, save_every=0)
     before_loss, _ = batch_loss(model, cfg)
     before = snapshot(model)
     result = train(cfg, model=model)
     after_loss, _ = batch_loss(model, cfg)
-    assert result.steps == 30 and len(result.losses) == 30
+    assert result.steps == 20 and len(result.losses) == 20
     assert after_loss < 0.8 * before_loss, (before_loss, after_loss)
     rule = trainable_rule("stage1")
     expected = {k for k in before if rule(k)}
@@ -247,7 +247,7 @@ def test_stage2_from_stage1_output(base_model, data, tmp_path):
     model = mmllm.load(str(tmp_path / "s1" / "model"))
     set_trainable(model, "stage2")  # adds LoRA; snapshot after, so LoRA tensors are compared too
     cfg = TrainConfig(stage="stage2", model=str(tmp_path / "s1"), out=str(tmp_path / "s2"),
-                      conversations=data["conversations"], steps=25, batch_size=3, lr=1e-2, projector_lr=5e-3,
+                      conversations=data["conversations"], steps=15, batch_size=3, lr=1e-2, projector_lr=5e-3,
                       warmup_ratio=0.0, progress=False)
     before_loss, parts = batch_loss(model, cfg)
     assert {"l2_image", "l2_audio", "l2_video"} <= set(parts)
