@@ -11,7 +11,8 @@ mmllm's real backends, exactly as a downloaded checkpoint would be::
     <root>/image_decoder/   diffusers StableDiffusionPipeline (``stable_diffusion``)
     <root>/audio_decoder/   StableDiffusionPipeline drawing 16x64 log-mel spectrograms,
                             + spectrogram.json (``spectrogram_sd``: Griffin-Lim inversion)
-    <root>/video_decoder/   diffusers TextToVideoSDPipeline, 8 frames of 32x32 (``text_to_video_sd``)
+    <root>/video_decoder/   diffusers TextToVideoSDPipeline, 4 frames of 32x32 (``text_to_video_sd``);
+                            its UNet3D starts from the image decoder's UNet
 
 ``build_components(root)`` builds whatever is missing. A directory is complete when its
 ``toy_component.json`` exists and names the same builds of its dependencies (a rebuilt
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from . import world
 
 IMAGE_SIZE = 32
-VIDEO_FRAMES = 8
+VIDEO_FRAMES = 4  # few frames keep the 3-D UNet affordable on a CPU; motion is still readable
 SAMPLE_RATE = 16000
 MAX_TEXT_LENGTH = 32  # the longest world caption is 19 word-level tokens
 MARKER = "toy_component.json"
@@ -52,7 +53,7 @@ DEPENDS = {
     "vae": (),
     "image_decoder": ("clip", "vae"),
     "audio_decoder": ("audio_encoder", "vae"),
-    "video_decoder": ("clip", "vae"),
+    "video_decoder": ("clip", "vae", "image_decoder"),  # its UNet starts from the image UNet
 }
 # SD-1.x noise schedule, shared by training and the saved DDIM sampler.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -67,20 +68,21 @@ class BuildSettings:
     """
 
     steps: dict = field(default_factory=lambda: {
-        "clip": 500, "audio_encoder": 300, "vae": 300,
-        "image_decoder": 1200, "audio_decoder": 600, "video_decoder": 500,
+        "clip": 300, "audio_encoder": 250, "vae": 200,
+        "image_decoder": 500, "audio_decoder": 300, "video_decoder": 120,
     })
     batch: dict = field(default_factory=lambda: {
-        "clip": 128, "audio_encoder": 64, "vae": 64,
-        "image_decoder": 64, "audio_decoder": 64, "video_decoder": 12,
+        "clip": 64, "audio_encoder": 64, "vae": 16,
+        "image_decoder": 32, "audio_decoder": 32, "video_decoder": 8,
     })
     lr: dict = field(default_factory=lambda: {
-        "clip": 1e-3, "audio_encoder": 1e-3, "vae": 1e-3,
+        "clip": 1e-3, "audio_encoder": 1e-3, "vae": 2e-3,
         "image_decoder": 1e-3, "audio_decoder": 1e-3, "video_decoder": 1e-3,
     })
     pool: dict = field(default_factory=lambda: {"image": 4000, "audio": 1500, "video": 800})
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     canonical_fraction: float = 0.6  # decoders: share of canonical captions (the stage-1 targets)
+    corpus: int = 3000  # random captions + requests per modality for the tokenizer
 
     @classmethod
     def fast(cls) -> "BuildSettings":
@@ -88,6 +90,7 @@ class BuildSettings:
             steps={k: 2 for k in COMPONENTS},
             batch={k: 4 for k in COMPONENTS},
             pool={"image": 16, "audio": 8, "video": 4},
+            corpus=100,
         )
 
     def override(self, steps: Optional[dict] = None) -> "BuildSettings":
@@ -181,7 +184,7 @@ def corpus(seed: int = 0, n: int = 3000) -> list[str]:
     return texts
 
 
-def build_tokenizer(seed: int = 0):
+def build_tokenizer(seed: int = 0, corpus_size: int = 3000):
     """A ``CLIPTokenizer`` with word-level BPE merges learned from the world's text.
 
     It keeps the byte alphabet of ``pipelines.tiny.tiny_clip_tokenizer``, so any text
@@ -189,7 +192,7 @@ def build_tokenizer(seed: int = 0):
     """
     from pipelines.tiny import tiny_clip_tokenizer
 
-    return tiny_clip_tokenizer(MAX_TEXT_LENGTH).train_new_from_iterator(corpus(seed), vocab_size=600)
+    return tiny_clip_tokenizer(MAX_TEXT_LENGTH).train_new_from_iterator(corpus(seed, corpus_size), vocab_size=600)
 
 
 def sample_caption(spec, rng: np.random.Generator, canonical_fraction: float = 0.5, dropout: float = 0.0) -> str:
@@ -260,7 +263,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
 
     rng = _rng(seed, "clip")
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(seed)
+    tokenizer = build_tokenizer(seed, settings.corpus)
     config = CLIPConfig(
         text_config=_text_config(tokenizer),
         vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=64, intermediate_size=256,
@@ -359,8 +362,8 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
     square = torch.cat([to_unit(images), to_unit(videos.reshape(-1, *videos.shape[2:]))])  # (N, 3, 32, 32)
     spectro = spectrogram_images(waves, MelSpectrogramSpec())  # (M, 3, 16, 64)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
-                        latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE).to(device).train()
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE).to(device).train()
     steps, batch = settings.steps["vae"], settings.batch["vae"]
     opt, sched = _optimizer(vae.parameters(), settings.lr["vae"], steps)
     losses = []
@@ -438,9 +441,9 @@ def _unet2d(sample_size, text_width: int):
 
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
         cross_attention_dim=text_width, attention_head_dim=8,
     )
 
@@ -459,7 +462,8 @@ def clip_text_encoder(clip_dir: str | os.PathLike):
 
     clip = CLIPModel.from_pretrained(clip_dir)
     text = CLIPTextModel(clip.config.text_config)
-    text.text_model.load_state_dict(clip.text_model.state_dict())
+    prefix = "text_model."
+    text.load_state_dict({k[len(prefix):]: v for k, v in clip.state_dict().items() if k.startswith(prefix)})
     return text.eval()
 
 
@@ -507,7 +511,7 @@ def build_audio_decoder(out: Path, root: Path, settings: BuildSettings, device: 
 
 def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
                         progress: bool) -> dict:
-    from diffusers import AutoencoderKL, TextToVideoSDPipeline, UNet3DConditionModel
+    from diffusers import AutoencoderKL, TextToVideoSDPipeline, UNet2DConditionModel, UNet3DConditionModel
     from transformers import CLIPTokenizer
 
     rng = _rng(seed, "video_decoder")
@@ -521,13 +525,22 @@ def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     latents = frames.view(n, t, *frames.shape[1:])  # (N, T, 4, h, w); the UNet wants (N, 4, T, h, w)
     unet = UNet3DConditionModel(
         sample_size=latents.shape[-1], in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
-        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
         cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8,
     )
+    # Start from the image decoder's UNet, as ModelScope / AnimateDiff start from an image
+    # model: the spatial layers share names and shapes, and the temporal layers start as
+    # identities, so training begins from per-frame images and only has to learn motion.
+    image_unet = UNet2DConditionModel.from_pretrained(root / "image_decoder" / "unet").state_dict()
+    own = unet.state_dict()
+    # proj_in / proj_out are linear in 2-D and 1x1 convolutions in 3-D: same numbers, other shape.
+    matched = {k: v.reshape(own[k].shape) for k, v in image_unet.items() if k in own and own[k].numel() == v.numel()}
+    unet.load_state_dict(matched, strict=False)
     info = _train_denoiser(unet, latents, specs, text_encoder, tokenizer, settings, "video_decoder", device, rng,
                            progress, to_unet=lambda x: x.transpose(1, 2))
+    info["init_from_image_unet"] = f"{len(matched)}/{len(own)} tensors"
     TextToVideoSDPipeline(vae=vae.to("cpu"), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                           scheduler=_scheduler()).save_pretrained(out)
     return info
@@ -556,11 +569,12 @@ def build_components(root: str | os.PathLike | None = None, device: str = "cpu",
         if name not in wanted or (is_complete(root, name) and not force):
             continue
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         log(f"building toy {name} in {root} ...")
         try:
             info = _build_one(name, tmp, root, settings, device, seed, progress)
-            info.update(seconds=round(time.time() - start, 1), device=str(device), seed=seed,
+            info.update(seconds=round(time.time() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1),
+                        torch_threads=torch.get_num_threads(), device=str(device), seed=seed,
                         steps=settings.steps[name], batch=settings.batch[name])
             _commit(root, name, tmp, info)
         except BaseException:

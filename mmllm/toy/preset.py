@@ -1,0 +1,99 @@
+"""The toy MMLLM: SmolLM2-135M with the toy world's frozen encoders and decoders.
+
+``toy_config(root)`` points every component at ``root`` (built by
+``scripts/build_toy.py``; default ``~/.cache/mmllm/toy``)::
+
+    from mmllm import MMLLM
+    from mmllm.toy.preset import toy_config
+    model = MMLLM.from_config(toy_config())
+
+Choices, for a model that trains on 2 CPU cores:
+
+- image: ``hf_clip`` patch tokens of layer -2 (LLaVA's choice): 16 tokens of width 64
+  (32x32 images, 8x8 patches), ``mlp2x_gelu`` projector.
+- audio: ``hf_audio`` (AST) patch tokens, 22 tokens of width 64, ``mlp2x_gelu``.
+- video: ``frames`` through the image encoder, 4 frames, ``frame_pooling="none"``
+  (64 tokens): mean pooling averages the moving shape over its path and loses the
+  direction (see docs/TOY.md for the probe numbers).
+- outputs: 4 / 8 / 8 signal tokens (NExT-GPT uses 24 for video; 8 keep sequences
+  short) and a small ``transformer`` projector (d_model 64, 2 + 2 layers) into each
+  decoder's (32, 64) text-conditioning space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from mmllm.config import EncoderConfig, MMLLMConfig
+
+from .components import VIDEO_FRAMES, default_root
+
+
+def _root(root: Optional[str | os.PathLike]) -> Path:
+    return Path(root) if root is not None else default_root()
+
+
+def image_encoder_config(root: Optional[str | os.PathLike] = None, feature_layer: int = -2) -> EncoderConfig:
+    """``hf_clip`` over ``<root>/clip`` with the mean/std the toy CLIP was trained with."""
+    clip = _root(root) / "clip"
+    processor = clip / "preprocessor_config.json"
+    if not processor.is_file():
+        raise FileNotFoundError(f"{processor} is missing; build the toy components with `python scripts/build_toy.py`"
+                                f" (or mmllm.toy.components.build_components({str(_root(root))!r}))")
+    stats = json.loads(processor.read_text())
+    return EncoderConfig(backend="hf_clip", source=str(clip), feature_layer=feature_layer, features="patch",
+                         options={"image_mean": stats["image_mean"], "image_std": stats["image_std"]})
+
+
+def decoder_options(modality: str) -> dict:
+    """Generation settings of the toy decoders (guidance suits their 10 % caption dropout)."""
+    common = {"num_inference_steps": 20, "guidance_scale": 3.0}
+    if modality == "image":
+        return {**common, "height": 32, "width": 32}
+    if modality == "video":
+        return {**common, "height": 32, "width": 32, "num_frames": VIDEO_FRAMES, "fps": 4}
+    return dict(common)
+
+
+def _transformer_projector() -> dict:
+    return {"type": "transformer",
+            "options": {"d_model": 64, "heads": 4, "encoder_layers": 2, "decoder_layers": 2, "ff": 128}}
+
+
+def toy_config(root: Optional[str | os.PathLike] = None, **overrides) -> MMLLMConfig:
+    """The toy MMLLM's config with every component under ``root``; ``overrides`` as in
+    ``MMLLMConfig.from_preset`` (dotted keys allowed)."""
+    root = _root(root)
+    image = image_encoder_config(root).to_dict()
+    data = {
+        "name": "toy",
+        "max_length": 1024,
+        "llm": {"source": "smollm2", "dtype": "float32"},
+        "inputs": {
+            "image": {"placeholder": "<image>", "encoder": image, "projector": {"type": "mlp2x_gelu"}},
+            "audio": {"placeholder": "<audio>",
+                      "encoder": {"backend": "hf_audio", "source": str(root / "audio_encoder"),
+                                  "features": "patch", "feature_layer": -1},
+                      "projector": {"type": "mlp2x_gelu"}},
+            "video": {"placeholder": "<video>",
+                      "encoder": {"backend": "frames", "share_with": "image", "num_frames": VIDEO_FRAMES,
+                                  "frame_pooling": "none", "features": "patch"},
+                      "projector": {"type": "mlp2x_gelu"}},
+        },
+        "outputs": {
+            "image": {"num_signal_tokens": 4, "signal_prefix": "IMG", "projector": _transformer_projector(),
+                      "decoder": {"backend": "stable_diffusion", "source": str(root / "image_decoder"),
+                                  "options": decoder_options("image")}},
+            "audio": {"num_signal_tokens": 8, "signal_prefix": "AUD", "projector": _transformer_projector(),
+                      "decoder": {"backend": "spectrogram_sd", "source": str(root / "audio_decoder"),
+                                  "options": decoder_options("audio")}},
+            "video": {"num_signal_tokens": 8, "signal_prefix": "VID", "projector": _transformer_projector(),
+                      "decoder": {"backend": "text_to_video_sd", "source": str(root / "video_decoder"),
+                                  "options": decoder_options("video")}},
+        },
+    }
+    config = MMLLMConfig.from_dict(data)
+    return config.replace(**overrides) if overrides else config

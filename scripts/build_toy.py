@@ -1,0 +1,55 @@
+"""Build the toy world's frozen encoders and decoders (mmllm's embedded default model).
+
+    python scripts/build_toy.py                       # everything missing, under ~/.cache/mmllm/toy
+    python scripts/build_toy.py --device cuda         # the same on a GPU
+    python scripts/build_toy.py --fast --root /tmp/t  # a few steps each (tests, smoke runs)
+    python scripts/build_toy.py --evaluate            # then score them with the oracles
+
+Components already complete are skipped; see ``mmllm.toy.components`` for the layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mmllm.toy.components import COMPONENTS, build_components, default_root
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=None, help=f"output directory (default {default_root()})")
+    parser.add_argument("--device", default="cpu", help="torch device to train on: cpu, cuda, cuda:1 ...")
+    parser.add_argument("--fast", action="store_true", help="a few steps per component (tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", choices=COMPONENTS, help="build only these (and their dependencies)")
+    parser.add_argument("--force", action="store_true", help="rebuild even complete components")
+    parser.add_argument("--steps", nargs="+", default=[], metavar="NAME=N",
+                        help="override step counts, e.g. image_decoder=800 clip=400")
+    parser.add_argument("--evaluate", action="store_true", help="score with the oracles; writes quality.json")
+    parser.add_argument("--eval-n", type=int, default=48, help="prompts per split and modality when evaluating")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = parser.parse_args(argv)
+
+    steps = {}
+    for item in args.steps:
+        name, _, n = item.partition("=")
+        if not n.isdigit():
+            parser.error(f"--steps takes NAME=N pairs, got {item!r}")
+        steps[name] = int(n)
+    start = time.time()
+    paths = build_components(args.root, device=args.device, fast=args.fast, seed=args.seed, steps=steps,
+                             only=args.only, force=args.force, progress=not args.no_progress)
+    print(f"toy components ready in {time.time() - start:.0f} s under {paths['clip'].parent}")
+    if args.evaluate:
+        from mmllm.toy.quality import evaluate_components
+
+        report = evaluate_components(paths["clip"].parent, n=args.eval_n, device=args.device,
+                                     progress=not args.no_progress)
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Toy frozen components: built from nothing, loaded through the real backends."""
+
+import numpy as np
+import pytest
+import torch
+
+import mmllm  # noqa: F401  (import order: mmllm before pipelines)
+from mmllm.config import DecoderConfig, EncoderConfig, MMLLMConfig
+from mmllm.encoders import build_encoder
+from mmllm.toy import world
+from mmllm.toy.components import COMPONENTS, MARKER, build_components, is_complete
+from mmllm.toy.preset import image_encoder_config, toy_config
+from pipelines import AudioOutput, ImageOutput, VideoOutput, build_decoder
+from pipelines.spectrogram import MelSpectrogramSpec, SpectrogramAudioOutput
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    build_components(root, fast=True, progress=False, log=lambda _: None)
+    return root
+
+
+def test_every_component_is_complete(root):
+    assert all(is_complete(root, name) for name in COMPONENTS)
+    assert not list(root.glob(".*.tmp-*"))  # atomic: no leftovers
+
+
+def test_second_call_rebuilds_nothing(root):
+    before = {n: (root / n / MARKER).stat().st_mtime_ns for n in COMPONENTS}
+    build_components(root, fast=True, progress=False, log=lambda _: None)
+    assert {n: (root / n / MARKER).stat().st_mtime_ns for n in COMPONENTS} == before
+
+
+def test_rebuilt_dependency_invalidates_dependents(root, tmp_path):
+    import shutil
+
+    copy = tmp_path / "toy"
+    shutil.copytree(root, copy)
+    build_components(copy, fast=True, progress=False, only=["vae"], force=True, log=lambda _: None)
+    assert is_complete(copy, "clip") and is_complete(copy, "vae")
+    assert not is_complete(copy, "image_decoder") and not is_complete(copy, "video_decoder")
+
+
+def test_image_encoder_loads_full_clip_checkpoint(root):
+    from transformers import CLIPModel
+
+    enc = build_encoder(image_encoder_config(root), "image")
+    images = [world.render_image(world.ImageSpec("red", "circle")), world.render_image(world.ImageSpec("blue", "cross"))]
+    x = enc.preprocess(images)
+    out = enc(x)
+    assert out.shape == (2, enc.num_tokens, enc.hidden_size) == (2, 16, 64)
+    # The vision tower really carries CLIPModel's trained weights (no silently random keys).
+    clip = CLIPModel.from_pretrained(root / "clip").eval()
+    with torch.no_grad():
+        ref = clip.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        pooled = clip.get_image_features(pixel_values=x)
+        pooled = pooled if isinstance(pooled, torch.Tensor) else pooled.pooler_output
+        mine = enc.tower(pixel_values=x).image_embeds
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(mine, pooled)
+
+
+def test_audio_and_video_encoders(root):
+    audio = build_encoder(EncoderConfig(backend="hf_audio", source=str(root / "audio_encoder")), "audio")
+    wave = world.render_audio(world.AudioSpec("low", count=2))
+    assert audio.sample_rate == 16000
+    assert audio(audio.preprocess([wave, wave])).shape == (2, audio.num_tokens, audio.hidden_size) == (2, 22, 64)
+    image = build_encoder(image_encoder_config(root), "image")
+    video = build_encoder(EncoderConfig(backend="frames", share_with="image", num_frames=4, frame_pooling="none"),
+                          "video", {"image": image})
+    clip = world.render_video(world.VideoSpec("red", "square", "up"), frames=4)
+    assert video(video.preprocess([clip])).shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("modality,backend,folder,kind", [
+    ("image", "stable_diffusion", "image_decoder", ImageOutput),
+    ("audio", "spectrogram_sd", "audio_decoder", AudioOutput),
+    ("video", "text_to_video_sd", "video_decoder", VideoOutput),
+])
+def test_decoders_load_and_render(root, modality, backend, folder, kind):
+    from mmllm.toy.preset import decoder_options
+
+    options = {**decoder_options(modality), "num_inference_steps": 2}
+    decoder = build_decoder(DecoderConfig(backend=backend, source=str(root / folder), options=options))
+    assert decoder.conditioning_shape == (32, 64)  # the toy CLIP text tower: 32 tokens of width 64
+    out = decoder.generate(decoder.encode_text(["a red circle"]), seed=0)
+    assert len(out) == 1 and isinstance(out[0], kind)
+    if modality == "image":
+        assert out[0].size == (32, 32)
+    elif modality == "audio":
+        assert out[0].sample_rate == 16000 and out[0].waveform.shape == (63 * 252,)
+        assert out[0].spectrogram.shape == (16, 64, 3)
+        short = decoder.generate(decoder.encode_text(["a red circle"]), seed=0, audio_length_in_s=0.5)
+        assert short[0].waveform.shape == (8000,)
+    else:
+        assert out[0].frames.shape == (4, 32, 32, 3) and out[0].frames.dtype == np.uint8
+
+
+def test_spectrogram_decoder_equals_stock_pipeline(root):
+    from diffusers import StableDiffusionPipeline
+
+    source = str(root / "audio_decoder")
+    decoder = build_decoder(DecoderConfig(backend="spectrogram_sd", source=source,
+                                          options={"num_inference_steps": 3, "guidance_scale": 2.0}))
+    embeds = decoder.encode_text(["two low beeps with a pure tone"])
+    ours = decoder.generate(embeds, seed=5)[0]
+    assert isinstance(ours, SpectrogramAudioOutput)
+    stock = StableDiffusionPipeline.from_pretrained(source)
+    images = stock(prompt_embeds=embeds, negative_prompt_embeds=stock.encode_prompt([""], "cpu", 1, False)[0],
+                   generator=torch.Generator("cpu").manual_seed(5), num_inference_steps=3, guidance_scale=2.0,
+                   output_type="np").images
+    np.testing.assert_allclose(ours.spectrogram, images[0], atol=1e-6)
+    np.testing.assert_allclose(ours.waveform, decoder.to_waveform(images)[0], atol=1e-6)
+
+
+def test_spectrogram_round_trip_keeps_pitch_and_count():
+    from mmllm.toy import oracle
+
+    mel = MelSpectrogramSpec()
+    specs = [world.AudioSpec("low", "pure", 3), world.AudioSpec("high", "buzzy", 2), world.AudioSpec("medium", count=1)]
+    waves = torch.from_numpy(np.stack([world.render_audio(s) for s in specs]))
+    images = mel.to_image(waves)
+    assert images.shape == (3, 16, 64) and 0 <= images.min() and images.max() <= 1
+    back = mel.to_waveform(images, num_samples=16000)
+    assert back.shape == (3, 16000)
+    for spec, wave in zip(specs, back):
+        got = oracle.analyse_audio(wave.numpy())
+        assert (got["pitch"], got["count"]) == (spec.pitch, spec.count)
+    assert torch.equal(back, mel.to_waveform(images, num_samples=16000))  # deterministic (no random phase)
+
+
+def test_toy_config_builds_a_model_that_draws(root):
+    from mmllm import MMLLM
+
+    tiny_llm = MMLLMConfig.from_preset("tiny").llm.to_dict()
+    config = toy_config(root, llm=tiny_llm)  # the real toy preset uses SmolLM2 (too slow for this test)
+    assert toy_config(root).llm.source == "smollm2"
+    model = MMLLM.from_config(config)
+    first = model.signal_groups["image"][0]
+
+    def force_first(input_ids, scores):
+        if input_ids.shape[1] == 0:
+            scores = torch.full_like(scores, torch.finfo(scores.dtype).min)
+            scores[:, first] = 0.0
+        return scores
+
+    result = model.generate("draw a red circle", max_new_tokens=8, logits_processor=[force_first],
+                            num_inference_steps=2)
+    assert result.token_ids[:4] == model.signal_groups["image"]
+    assert result.images and result.images[0].image.size == (32, 32)
+    assert {m: len(ids) for m, ids in model.signal_groups.items()} == {"image": 4, "audio": 8, "video": 8}
