@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import LLMConfig
+from .fileio import atomic_directory
 from .meta import building_on_meta
 
 SMOLLM2 = "smollm2"
@@ -68,15 +67,10 @@ def smollm2_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     # Atomic publish: a concurrent or interrupted build never leaves a half-written copy.
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 

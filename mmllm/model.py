@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from projectors import build_input_projector, build_output_projector
 
 from .config import LoraConfig, MMLLMConfig
 from .encoders import build_encoder
+from .fileio import atomic_directory
 from .meta import meta_device
 from .llm import build_llm, load_tokenizer, resolve_dtype
 from .prefix import PrefixAttention
@@ -357,23 +356,10 @@ class MMLLM(nn.Module):
         """Write ``config.json`` and the trained parts as safetensors, atomically."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
+        with atomic_directory(path) as tmp:
             self.config.to_json(tmp / CONFIG_NAME)
             save_file(self.trainable_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return Path(path)
 
     def save_llava(self, path: str | os.PathLike, **kwargs) -> Path:
         """Export the image -> text path as a transformers Llava directory; see ``mmllm.interop.llava.save_llava``."""

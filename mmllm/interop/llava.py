@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..fileio import atomic_directory
 from ..config import EncoderConfig, InputConfig, LLMConfig, MMLLMConfig, ProjectorConfig
 from ..llm import cache_dir
 from ..model import CONFIG_NAME, MMLLM
@@ -462,20 +463,7 @@ def save_llava(model: MMLLM, path: str | os.PathLike, *, drop_unsupported: bool 
                                vision_feature_select_strategy=strategy, chat_template=tok.chat_template,
                                image_token=icfg.placeholder, num_additional_image_tokens=1)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_directory(path) as tmp:
         llava.save_pretrained(tmp)
         processor.save_pretrained(tmp)  # tokenizer, image processor and processor files
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)

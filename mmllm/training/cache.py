@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from mmllm.fileio import atomic_directory
 from mmllm.processor import decode_media
 
 INDEX = "index.json"
@@ -118,35 +117,32 @@ def build_feature_cache(model, examples: Iterable, out: str | os.PathLike, shard
     Written to a temporary directory and renamed at the end, so a cache is whole or absent.
     Returns counts per kind.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    writer = _ShardWriter(tmp, shard_size)
-    proc = model.processor
-    todo_media: dict[str, list[str]] = {m: [] for m in proc.modalities}
-    todo_caps: dict[str, list[str]] = {m: [] for m in model.signal_groups}
-    seen: set[str] = set()
-    counts = {"features": 0, "targets": 0}
+    with atomic_directory(out) as tmp:  # a cache is whole or absent
+        writer = _ShardWriter(tmp, shard_size)
+        proc = model.processor
+        todo_media: dict[str, list[str]] = {m: [] for m in proc.modalities}
+        todo_caps: dict[str, list[str]] = {m: [] for m in model.signal_groups}
+        seen: set[str] = set()
+        counts = {"features": 0, "targets": 0}
 
-    def run_media(m: str) -> None:
-        paths, todo_media[m] = todo_media[m], []
-        if not paths:
-            return
-        spec = proc.modalities[m]
-        x = spec.encoder.preprocess([decode_media(m, p, spec) for p in paths]).to(model.device)
-        feats = model.encoders[m](x)  # (M, N, D_enc)
-        for p, f in zip(paths, feats):
-            writer.add(f"enc/{m}/{p}", f)
-        counts["features"] += len(paths)
+        def run_media(m: str) -> None:
+            paths, todo_media[m] = todo_media[m], []
+            if not paths:
+                return
+            spec = proc.modalities[m]
+            x = spec.encoder.preprocess([decode_media(m, p, spec) for p in paths]).to(model.device)
+            feats = model.encoders[m](x)  # (M, N, D_enc)
+            for p, f in zip(paths, feats):
+                writer.add(f"enc/{m}/{p}", f)
+            counts["features"] += len(paths)
 
-    def run_caps(m: str) -> None:
-        caps, todo_caps[m] = todo_caps[m], []
-        if caps:
-            for c, t in zip(caps, model.decoders[m].encode_text(caps)):
-                writer.add(f"dec/{m}/{c}", t)
-            counts["targets"] += len(caps)
+        def run_caps(m: str) -> None:
+            caps, todo_caps[m] = todo_caps[m], []
+            if caps:
+                for c, t in zip(caps, model.decoders[m].encode_text(caps)):
+                    writer.add(f"dec/{m}/{c}", t)
+                counts["targets"] += len(caps)
 
-    try:
         for ex in examples:
             for m, paths in ex.media.items():
                 for p in paths:
@@ -168,10 +164,4 @@ def build_feature_cache(model, examples: Iterable, out: str | os.PathLike, shard
             run_caps(m)
         writer.flush()
         (tmp / INDEX).write_text(json.dumps({"fingerprints": fingerprints(model), "entries": writer.entries}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
