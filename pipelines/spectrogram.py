@@ -104,12 +104,17 @@ class MelSpectrogramSpec:
             n_stft=n_stft, n_mels=self.n_mels, sample_rate=self.sample_rate, f_min=self.f_min, f_max=self.f_max
         )
         power = inverse(mel)  # (B, n_stft, frames), least squares, clamped at 0
-        length = num_samples if num_samples is not None else self.num_samples(x.shape[-1])
+        natural = self.num_samples(x.shape[-1])
         griffin_lim = torchaudio.transforms.GriffinLim(
             n_fft=self.n_fft, hop_length=self.hop_length, power=2.0, n_iter=self.griffin_lim_iters,
-            length=length, rand_init=False,
+            length=natural, rand_init=False,
         )
-        return griffin_lim(power).clamp(-1.0, 1.0)
+        wave = griffin_lim(power).clamp(-1.0, 1.0)  # (B, natural)
+        if num_samples is None or num_samples == natural:
+            return wave
+        if num_samples < natural:
+            return wave[:, :num_samples]
+        return torch.nn.functional.pad(wave, (0, num_samples - natural))  # silence after the image ends
 
 
 @dataclass
@@ -149,8 +154,13 @@ class SpectrogramDecoder(StableDiffusionDecoder):
         return MelSpectrogramSpec.from_dict(data)
 
     def _call_kwargs(self, opts):
+        # Default size: n_mels rows by one second of frames (the pipeline's own default,
+        # sample_size * vae_scale_factor, assumes a square sample_size).
+        spec = self.spectrogram
+        height = opts["height"] or spec.n_mels
+        width = opts["width"] or spec.frames(spec.sample_rate)
         # "np": float images in [0, 1], no uint8 rounding before the inversion.
-        return {"height": opts["height"], "width": opts["width"], "output_type": "np"}
+        return {"height": height, "width": width, "output_type": "np"}
 
     def to_waveform(self, images: np.ndarray, audio_length_in_s: Optional[float] = None) -> np.ndarray:
         """(B, n_mels, frames, 3) images in [0, 1] -> (B, S) float32 waveforms."""

@@ -68,8 +68,8 @@ class BuildSettings:
     """
 
     steps: dict = field(default_factory=lambda: {
-        "clip": 300, "audio_encoder": 250, "vae": 200,
-        "image_decoder": 500, "audio_decoder": 300, "video_decoder": 120,
+        "clip": 400, "audio_encoder": 300, "vae": 300,
+        "image_decoder": 800, "audio_decoder": 400, "video_decoder": 150,
     })
     batch: dict = field(default_factory=lambda: {
         "clip": 64, "audio_encoder": 64, "vae": 16,
@@ -264,10 +264,13 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
     rng = _rng(seed, "clip")
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(seed, settings.corpus)
+    # projection_dim goes into the tower configs too: CLIPVisionModelWithProjection loads
+    # this checkpoint with the vision config alone and would otherwise re-initialise a
+    # 512-wide visual_projection.
     config = CLIPConfig(
-        text_config=_text_config(tokenizer),
+        text_config=_text_config(tokenizer, projection_dim=64),
         vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=64, intermediate_size=256,
-                           num_hidden_layers=3, num_attention_heads=4),
+                           num_hidden_layers=3, num_attention_heads=4, projection_dim=64),
         projection_dim=64,
     )
     model = CLIPModel(config).to(device).train()
@@ -320,7 +323,7 @@ def build_audio_encoder(out: Path, clip_dir: Path, settings: BuildSettings, devi
     ast = ASTModel(ASTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
                              patch_size=16, num_mel_bins=32, max_length=100, frequency_stride=16,
                              time_stride=8)).to(device).train()
-    text = CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(tokenizer), projection_dim=64)).to(device).train()
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(tokenizer, projection_dim=64))).to(device).train()
     head = torch.nn.Linear(ast.config.hidden_size, 64).to(device)  # discarded after training
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
     params = [*ast.parameters(), *text.parameters(), *head.parameters(), logit_scale]
