@@ -291,7 +291,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
         opt.step()
         sched.step()
         losses.append(result.loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval().to("cpu").save_pretrained(out)
     tokenizer.save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -341,7 +341,7 @@ def build_audio_encoder(out: Path, clip_dir: Path, settings: BuildSettings, devi
         opt.step()
         sched.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     ast.eval().to("cpu").save_pretrained(out)
     extractor.save_pretrained(out)
     text.eval().to("cpu").save_pretrained(out / "text_encoder")
@@ -381,7 +381,7 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
         opt.step()
         sched.step()
         losses.append(F.mse_loss(recon, x).item())
-        bar.set_postfix(mse=f"{losses[-1]:.4f}")
+        bar.set_postfix(mse=f"{losses[-1]:.4f}", refresh=False)
     vae.eval()
     with torch.no_grad():
         sample = square[: 512].to(device)
@@ -433,7 +433,7 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         opt.step()
         sched.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     unet.eval().to("cpu")
     text_encoder.to("cpu")
     return {"final_loss": float(np.mean(losses[-50:]))}
