@@ -109,6 +109,14 @@ def measure(call, device, new_tokens: int, warmup: int, repeats: int) -> dict:
             "call_s": common.median(total), "ttft_s_all": ttft, "decode_s_all": per_token, "out": out}
 
 
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    fractions = []
+    for x, y in zip(a, b):
+        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        fractions.append(n / max(1, max(len(x), len(y))))
+    return sum(fractions) / max(1, len(fractions))
+
+
 def run(scale: str = "llava-1.5-7b", device=None, dtype=None, batches=(1, 8), new_tokens: int = 128,
         impls=IMPLS, warmup: int = 1, repeats: int = 3) -> dict:
     device = common.pick_device(device) if not isinstance(device, torch.device) else device
@@ -162,7 +170,11 @@ def run(scale: str = "llava-1.5-7b", device=None, dtype=None, batches=(1, 8), ne
             r["decode_vs_peer"] = peer["decode_s_per_token"] / r["decode_s_per_token"]
             r["ttft_vs_peer"] = peer["ttft_s"] / r["ttft_s"]
     same = {f"{impl}-b{b}": tokens[(impl, b)] == tokens[("mmllm", b)] for impl, b in tokens if impl != "mmllm"}
-    return {"benchmark": "infer", "scale": scale, "dtype": str(dtype), "env": info, "prompt_len": prompt_len,
+    # Greedy tokens agreeing with plain mmllm before the first difference, as a fraction (random
+    # weights give near-flat logits, so a bf16 rounding difference can flip an argmax).
+    agree = {f"{impl}-b{b}": _agreement(tokens[(impl, b)], tokens[("mmllm", b)])
+             for impl, b in tokens if impl != "mmllm"}
+    return {"same_prefix_fraction": agree, "benchmark": "infer", "scale": scale, "dtype": str(dtype), "env": info, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "rows": rows, "same_tokens_as_plain": same}
 
 

@@ -28,6 +28,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=None, help="training batch (default 16 on GPU, 4 on CPU)")
     p.add_argument("--text-len", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="add the compiled rows (train layers, decode)")
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="training stages")
+    p.add_argument("--decoder-repeats", type=int, default=None)
+    p.add_argument("--train-variants", nargs="+", default=None, help="stage-1 and stage-2 variants (default: all)")
+    p.add_argument("--infer-impls", nargs="+", default=None, choices=infer.IMPLS, help="default: by --compile")
     p.add_argument("--peer-compiled", action="store_true", help="also time the peer's compiled decode")
     args = p.parse_args(argv)
     device, dtype = common.setup(args)
@@ -38,11 +42,13 @@ def main(argv=None) -> dict:
     text_len = args.text_len or (96 if gpu else 32)
     jobs = {
         "train": lambda: train.run(args.scale, device, dtype, batch, text_len, 3 if gpu else 1, 8 if gpu else 3,
-                                   (1, 2), train.STAGE1_VARIANTS + (("mmllm-compiled",) if args.compile else ())),
-        "infer": lambda: infer.run(args.scale, device, dtype, (1, 8), 128 if gpu else 16,
+                                   tuple(args.stages),
+                                   args.train_variants or train.STAGE1_VARIANTS + (("mmllm-compiled",) if args.compile else ()),
+                                   args.train_variants or train.STAGE2_VARIANTS + (("mmllm-compiled",) if args.compile else ())),
+        "infer": lambda: infer.run(args.scale, device, dtype, (1, 8), 128 if gpu else 16, args.infer_impls or
                                    [i for i in infer.IMPLS if args.compile or not i.endswith("compiled")
                                     if args.peer_compiled or i != "peer-compiled"]),
-        "decoders": lambda: decoders.run(args.scale, device, dtype, repeats=5 if gpu else 3),
+        "decoders": lambda: decoders.run(args.scale, device, dtype, repeats=args.decoder_repeats or (9 if gpu else 3)),
         "scaling": lambda: scaling.run(args.scale, device, dtype, (64, 448, 1472) if gpu else (8, 32),
                                        (1, 4, 16) if gpu else (1, 4)),
     }

@@ -6,6 +6,8 @@ Stage 1 (frozen LLM and vision tower, trainable projector):
 * ``mmllm-cached``: the same with ``features=`` precomputed once (a frozen-feature cache).
 * ``mmllm-compiled``: ``mmllm-cached`` with each LLM decoder layer under ``torch.compile`` (optional).
 * ``peer``: ``LlavaForConditionalGeneration(..., pixel_values=, labels=)``: the plain way (full logits).
+* ``peer-compiled``: ``peer`` with each LLM decoder layer under ``torch.compile`` (optional), to show
+  how much of ``mmllm-compiled``'s gain is the compiler's.
 
 Stage 2 (``--stage 2``): the same with peft LoRA r=128, alpha=256 on q/k/v/o of the LLM, projector
 trainable, for ``mmllm`` and ``peer``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 
 import torch
 
@@ -83,6 +86,9 @@ def prepare(variant: str, stage: int, sh: Shapes, device, dtype, tokenizer_dir: 
             add_peer_lora(model)
         trainable = set_trainable(model, ("multi_modal_projector.", "lora_"))
         proj = common.count_params(model.model.multi_modal_projector)
+        if compile_layers:
+            for layer in model.model.language_model.layers:
+                layer.compile()
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     model.train()
     return model, trainable, proj, lora
@@ -90,7 +96,7 @@ def prepare(variant: str, stage: int, sh: Shapes, device, dtype, tokenizer_dir: 
 
 def loss_fn(variant: str, model, batch, features):
     input_ids, mask, labels, pixels = batch
-    if variant == "peer":
+    if variant.startswith("peer"):
         return lambda: model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
     if variant == "mmllm":
         return lambda: model(input_ids, mask, media={"image": pixels}, labels=labels).loss
@@ -99,7 +105,7 @@ def loss_fn(variant: str, model, batch, features):
 
 def run_variant(variant: str, stage: int, sh: Shapes, device, dtype, batch_size: int, text_len: int,
                 warmup: int, steps: int, tokenizer_dir: str | None = None) -> dict:
-    compile_layers = variant == "mmllm-compiled"
+    compile_layers = variant.endswith("-compiled")
     row = {"variant": variant, "stage": stage, "batch": batch_size, "text_len": text_len,
            "seq_len": 1 + sh.image_tokens + text_len}
     model = opt = None
@@ -168,6 +174,8 @@ def run(scale: str = "llava-1.5-7b", device=None, dtype=None, batch: int = 16, t
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     sh = common.shapes(scale)
     info = common.device_info(device)
+    if tokenizer_dir is None:  # one tokenizer for every mmllm build
+        tokenizer_dir = common.synthetic_tokenizer(sh.image_token_id, tempfile.mkdtemp(prefix="mmllm-bench-tok-"))
     rows = []
     for stage in stages:
         for variant in (variants1 if stage == 1 else variants2):
