@@ -288,6 +288,9 @@ class MMLLM(nn.Module):
         if labels is None:
             return MMLLMOutput(logits=head(hidden), hidden_states=hidden if output_hidden_states else None)
         # Next-token loss, with logits only where a label exists (the LM head is the costly part).
+        if self.processor is not None:  # media positions are inputs, never targets
+            for spec in self.processor.modalities.values():
+                labels = labels.masked_fill(input_ids == spec.token_id, -100)
         shift_labels = labels[:, 1:]
         sel = shift_labels != -100
         logits = head(hidden[:, :-1][sel])  # (n, V)

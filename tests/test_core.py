@@ -222,3 +222,12 @@ def test_pickle_weights_are_refused(tmp_path):
 def test_unknown_model_name_lists_presets():
     with pytest.raises(FileNotFoundError, match="presets"):
         mmllm.load("no-such-model")
+
+
+def test_media_positions_are_never_targets(tiny):
+    batch = tiny.processor([_user("<image>\nred")], [{"image": [_image()]}])
+    with torch.no_grad():
+        all_labels = tiny(batch.input_ids, batch.attention_mask, batch.media, labels=batch.input_ids.clone()).loss
+        text_only = batch.input_ids.masked_fill(batch.input_ids == tiny.processor.modalities["image"].token_id, -100)
+        masked = tiny(batch.input_ids, batch.attention_mask, batch.media, labels=text_only).loss
+    assert torch.isfinite(all_labels) and torch.equal(all_labels, masked)
