@@ -1,0 +1,302 @@
+"""Build mmllm's embedded default: the toy MMLLM, trained end to end on the toy world.
+
+``build_default(root)`` runs every step that is missing under ``root`` (default
+``~/.cache/mmllm/toy``), each one cached and resumable::
+
+    <root>/clip ... video_decoder/   frozen toy components (mmllm.toy.components)
+    <root>/data/                     the world's train split: media, captions, generation
+                                     pairs, QA, dialogues, plus the stage files made here
+    <root>/runs/stage1/              stage 1 (mmllm.training.train): captions (X -> text) and
+                                     generation pairs (text -> signal tokens + L2)
+    <root>/runs/stage2/              stage 2: LoRA + projectors on QA, descriptions,
+                                     generation requests and multi-turn dialogues
+    <root>/model/                    the finished model (save_pretrained + build.json);
+                                     mmllm.load() opens it when it exists
+
+Training is the project's real code (``mmllm.training.train``, what the stage scripts
+run); this module only writes the data files and chooses the settings. A stage whose
+``done.json`` matches the current settings and components is reused; an interrupted
+stage resumes from its latest checkpoint.
+
+Sequences are kept short for a CPU: each data file holds one input modality and the
+sources alternate batch by batch (``mix="alternate"``), so a batch of 16-token images is
+never padded to a 64-token video.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import world
+from .components import VIDEO_FRAMES, build_components, component_info, default_root
+
+MODEL_DIR = "model"
+BUILD_INFO = "build.json"
+DONE = "done.json"
+HINT = "the toy default is not built; run `python scripts/build_default.py` (~30 min on CPU)"
+
+
+@dataclass
+class DefaultSettings:
+    """Data sizes and training settings of the toy MMLLM.
+
+    The defaults are sized so that both stages together take about 10 minutes on 2 CPU
+    cores (docs/RESULTS.md has the measured times); ``DefaultSettings.fast()`` is a few
+    steps, for tests.
+    """
+
+    items: int = 1000  # per modality: caption pairs, generation pairs and QA items
+    dialogues: int = 300  # multi-turn LLaVA dialogues
+    stage1_steps: int = 120
+    stage1_batch: int = 16
+    stage1_lr: float = 1e-3
+    stage2_steps: int = 80
+    stage2_batch: int = 8
+    stage2_lr: float = 5e-4  # LoRA and signal rows
+    stage2_projector_lr: float = 5e-4  # stage 1 is short, so the projectors keep learning
+    lora: dict = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0,
+                                                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    save_every: int = 20  # checkpoints, for resuming an interrupted stage
+    seed: int = 0
+
+    @classmethod
+    def fast(cls) -> "DefaultSettings":
+        return cls(items=6, dialogues=6, stage1_steps=2, stage1_batch=2, stage2_steps=2, stage2_batch=2,
+                   save_every=0)
+
+    def stage_fingerprint(self, stage: str, components: dict) -> str:
+        """What a stage's result depends on: its settings, the data and the components."""
+        keys = {"stage1": ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "seed"),
+                "stage2": ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps",
+                           "stage2_batch", "stage2_lr", "stage2_projector_lr", "lora", "seed")}[stage]
+        data = {"settings": {k: getattr(self, k) for k in keys},
+                "components": {k: (v or {}).get("build_id") for k, v in components.items()}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where the built toy MMLLM lives: ``<root>/model``."""
+    return (Path(root) if root is not None else default_root()) / MODEL_DIR
+
+
+def is_built(root: str | os.PathLike | None = None) -> bool:
+    """True when ``<root>/model`` holds a finished build (its ``build.json`` is written last)."""
+    d = model_dir(root)
+    return (d / BUILD_INFO).is_file() and (d / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _write_json(path: Path, rows: list) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(rows))
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _single_turn(user: str, reply: str, media: Optional[tuple[str, str]] = None, output: Optional[dict] = None) -> dict:
+    row: dict = {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]}
+    if media is not None:
+        modality, path = media
+        row[modality] = path
+        row["conversations"][0]["value"] = f"{world.input_placeholder(modality)}\n{user}"
+    if output is not None:
+        row["outputs"] = [output]
+    return row
+
+
+DESCRIBE = {m: (f"Describe the {m}.", f"What is in this {m}?", "Describe it briefly.") for m in world.MODALITIES}
+
+
+def write_data(directory: Path, settings: DefaultSettings) -> dict[str, list[str]]:
+    """The world's train split plus the stage files, under ``directory`` (reused when done).
+
+    Returns ``{"captions": [...], "generation": [...], "conversations": [...]}``: one file
+    per input modality for captions and conversations (so batches are not padded across
+    modalities), one generation file.
+    """
+    marker = directory / DONE
+    wanted = {"items": settings.items, "dialogues": settings.dialogues, "seed": settings.seed,
+              "frames": VIDEO_FRAMES}
+    if not (marker.is_file() and json.loads(marker.read_text()).get("settings") == wanted):
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        world.write_dataset(directory, settings.items, seed=settings.seed, split="train", frames=VIDEO_FRAMES,
+                            n_dialogues=settings.dialogues)
+        _write_stage_files(directory, settings)
+        marker.write_text(json.dumps({"settings": wanted}))
+    return _stage_files(directory)
+
+
+def _stage_files(directory: Path) -> dict[str, list[str]]:
+    d = str(directory)
+    return {"captions": [f"{d}/stage1_captions_{m}.jsonl" for m in world.MODALITIES],
+            "generation": [f"{d}/generation.jsonl"],
+            "conversations": [f"{d}/stage2_{m}.json" for m in (*world.MODALITIES, "text")]}
+
+
+def _write_stage_files(directory: Path, settings: DefaultSettings) -> None:
+    rng = np.random.default_rng([settings.seed, 2024])
+    captions = _read_jsonl(directory / "captions.jsonl")
+    for m in world.MODALITIES:
+        rows = [r for r in captions if r["modality"] == m]
+        (directory / f"stage1_captions_{m}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Stage 2: QA and descriptions about an input, generation requests, and the dialogues,
+    # grouped by input modality ("text": no input media).
+    groups: dict[str, list] = {m: [] for m in (*world.MODALITIES, "text")}
+    for r in _read_jsonl(directory / "qa.jsonl"):
+        groups[r["modality"]].append(_single_turn(r["question"], r["answer"], (r["modality"], r["path"])))
+    for r in captions[::2]:  # half the captions become "describe it" turns
+        m = r["modality"]
+        reply = r["caption"][0].upper() + r["caption"][1:]
+        reply += "" if reply.endswith(".") else "."
+        groups[m].append(_single_turn(DESCRIBE[m][int(rng.integers(3))], reply, (m, r["path"])))
+    for r in _read_jsonl(directory / "generation.jsonl"):
+        spec = world.spec_from_dict(r["spec"])
+        groups["text"].append(_single_turn(r["request"], world.generation_reply(spec, rng),
+                                           output={"modality": r["modality"], "caption": r["caption"]}))
+    for d in json.loads((directory / "dialogues.json").read_text()):
+        m = next((m for m in world.MODALITIES if m in d), "text")
+        groups[m].append(d)
+    for name, rows in groups.items():
+        order = rng.permutation(len(rows))
+        _write_json(directory / f"stage2_{name}.json", [rows[i] for i in order])
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _stage_done(out: Path, fingerprint: str) -> bool:
+    marker = out / DONE
+    return (out / "model" / "config.json").is_file() and marker.is_file() and \
+        json.loads(marker.read_text()).get("fingerprint") == fingerprint
+
+
+def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, make_model: Callable,
+               log: Callable[[str], None]) -> dict:
+    """Train one stage into ``out`` unless it is already done; resume from a checkpoint."""
+    from mmllm.training import latest_checkpoint, train
+
+    if _stage_done(out, fingerprint):
+        log(f"{name}: reusing {out / 'model'}")
+        return json.loads((out / DONE).read_text())
+    started = out / "fingerprint.json"
+    resume = None
+    if started.is_file() and json.loads(started.read_text()).get("fingerprint") == fingerprint:
+        resume = "latest" if latest_checkpoint(out) is not None else None
+    else:
+        shutil.rmtree(out, ignore_errors=True)  # other settings: start over
+        out.mkdir(parents=True)
+        started.write_text(json.dumps({"fingerprint": fingerprint}))
+    cfg = make_config(resume)
+    log(f"{name}: training {cfg.steps} steps into {out}" + (" (resuming)" if resume else ""))
+    t0 = time.time()
+    result = train(cfg, model=make_model())
+    info = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 1), "steps": result.steps,
+            "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None,
+            "first_loss": result.losses[0] if result.losses else None,
+            "bad_rows": result.bad_rows, "resumed": bool(resume)}
+    (out / DONE).write_text(json.dumps(info, indent=1))
+    log(f"{name}: done in {info['seconds']:.0f} s, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}")
+    return info
+
+
+def _train_config(**kwargs):
+    from mmllm.training import TrainConfig
+
+    return TrainConfig(**kwargs)
+
+
+def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fast: bool = False,
+                  settings: Optional[DefaultSettings] = None, progress: bool = True, force: bool = False,
+                  log: Callable[[str], None] = print) -> Path:
+    """Build the toy MMLLM under ``root`` (every missing step) and return ``<root>/model``.
+
+    ``fast`` uses ``build_components(fast=True)`` and ``DefaultSettings.fast()`` (tests);
+    ``force`` retrains both stages (components and data are still reused).
+    """
+    import torch
+
+    from mmllm import MMLLM
+    from mmllm.config import LoraConfig
+    from mmllm.training import load_model
+
+    from .preset import toy_config
+
+    root = Path(root) if root is not None else default_root()
+    settings = settings or (DefaultSettings.fast() if fast else DefaultSettings())
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    build_components(root, device=device, fast=fast, progress=progress, log=log)
+    timings["components"] = round(time.time() - t0, 1)
+    components = component_info(root)
+
+    t = time.time()
+    files = write_data(root / "data", settings)
+    timings["data"] = round(time.time() - t, 1)
+    if force:
+        for s in ("stage1", "stage2"):
+            shutil.rmtree(root / "runs" / s, ignore_errors=True)
+
+    common = dict(mix="alternate", precision="fp32", log_every=0, progress=progress, seed=settings.seed,
+                  save_every=settings.save_every, warmup_ratio=0.05, data_root=str(root / "data"))
+    s1, s2 = root / "runs" / "stage1", root / "runs" / "stage2"
+    fp1 = settings.stage_fingerprint("stage1", components)
+    fp2 = settings.stage_fingerprint("stage2", components)
+
+    def model_for_stage1():
+        return MMLLM.from_config(toy_config(root), device=device)
+
+    t = time.time()
+    info1 = _run_stage(
+        "stage 1", s1, fp1,
+        lambda resume: _train_config(stage="stage1", model="toy", out=str(s1), captions=files["captions"],
+                                     generation=files["generation"], steps=settings.stage1_steps,
+                                     batch_size=settings.stage1_batch, lr=settings.stage1_lr, resume=resume,
+                                     **common),
+        model_for_stage1, log)
+    timings["stage1"] = round(time.time() - t, 1)
+
+    t = time.time()
+    info2 = _run_stage(
+        "stage 2", s2, fp2,
+        lambda resume: _train_config(stage="stage2", model=str(s1), out=str(s2),
+                                     conversations=files["conversations"], steps=settings.stage2_steps,
+                                     batch_size=settings.stage2_batch, lr=settings.stage2_lr,
+                                     projector_lr=settings.stage2_projector_lr, lora=LoraConfig(**settings.lora),
+                                     resume=resume, **common),
+        lambda: load_model(str(s1)).to(device), log)
+    timings["stage2"] = round(time.time() - t, 1)
+
+    final = model_dir(root)
+    built = json.loads((final / BUILD_INFO).read_text()) if is_built(root) else {}
+    if force or built.get("stage2") != fp2:
+        from mmllm.fileio import atomic_directory
+
+        with atomic_directory(final) as tmp:
+            for f in (s2 / "model").iterdir():
+                shutil.copy2(f, tmp / f.name)
+            info = {"stage1": fp1, "stage2": fp2, "settings": asdict(settings), "device": str(device),
+                    "torch_threads": torch.get_num_threads(), "fast": fast, "timings_s": timings,
+                    "stage1_run": info1, "stage2_run": info2,
+                    "components": {k: (v or {}).get("build_id") for k, v in components.items()},
+                    "built_at": time.time()}
+            (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: marks it complete
+    log(f"toy MMLLM ready in {final} ({time.time() - t0:.0f} s this run; mmllm.load() now uses it)")
+    return final
+
+
+__all__ = ["DefaultSettings", "HINT", "build_default", "is_built", "model_dir", "write_data"]
