@@ -1,0 +1,51 @@
+"""Build mmllm's embedded default model: toy components, world data, stage 1, stage 2.
+
+    python scripts/build_default.py                    # everything missing, under ~/.cache/mmllm/toy
+    python scripts/build_default.py --device cuda      # the same on a GPU (untested here)
+    python scripts/build_default.py --fast --root DIR  # a few steps of everything (tests, smoke runs)
+    python scripts/build_default.py --force            # retrain both stages (components, data reused)
+
+Every step is cached (a second run rebuilds nothing) and an interrupted stage resumes from
+its last checkpoint. The result, <root>/model, is what mmllm.load() opens by default.
+See mmllm.toy.mmllm_build and docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from mmllm.toy.components import default_root
+from mmllm.toy.mmllm_build import DefaultSettings, build_default
+
+TUNABLE = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps", "stage2_batch",
+           "stage2_lr", "stage2_projector_lr", "seed")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=None, help=f"output directory (default {default_root()})")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    parser.add_argument("--fast", action="store_true", help="a few steps of everything (tests, smoke runs)")
+    parser.add_argument("--force", action="store_true", help="retrain both stages")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    defaults = DefaultSettings()
+    for name in TUNABLE:
+        tp = float if "lr" in name else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=tp, default=None,
+                            help=f"default {getattr(defaults, name)}")
+    args = parser.parse_args(argv)
+    settings = DefaultSettings.fast() if args.fast else DefaultSettings()
+    for name in TUNABLE:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    start = time.time()
+    path = build_default(args.root, device=args.device, fast=args.fast, settings=settings,
+                         progress=not args.no_progress, force=args.force)
+    print(f"built {path} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
