@@ -4,6 +4,7 @@ preset or ``demo.fake.EchoModel``; nothing is downloaded."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -30,8 +31,9 @@ def media(tmp_path_factory):
 
 def run(model, message, turns=(), limits=None, out_dir=None, settings=None):
     """All yields of one ``respond`` call -> (list of message lists, final turns)."""
+    out_dir = out_dir or tempfile.mkdtemp(prefix="mmllm-demo-test-")  # never the working tree
     steps = list(respond(model, message, list(turns), settings or Settings(max_new_tokens=6, temperature=0.0),
-                         limits or Limits(), out_dir or "unused"))
+                         limits or Limits(), out_dir))
     return [m for m, _ in steps], steps[-1][1]
 
 
@@ -154,11 +156,11 @@ def test_decoder_settings_only_for_models_with_outputs():
     assert (call["guidance_scale"], call["num_frames"], call["audio_length_in_s"], call["seed"]) == (3.0, 5, 2.0, 4)
 
 
-def test_retry_and_undo(media):
+def test_retry_and_undo(media, tmp_path):
     model = EchoModel()
     _, turns = run(model, {"text": "Describe this image.", "files": [str(media["image"])]})
     _, turns = run(model, "Draw a red circle.", turns)
-    steps = list(retry(model, turns, Settings(), "unused"))
+    steps = list(retry(model, turns, Settings(), tmp_path))
     retried = steps[-1][1]
     assert len(retried) == 2 and len(model.calls) == 3
     assert model.calls[-1]["prompt"] == "Draw a red circle." and len(model.calls[-1]["history"]) == 2
