@@ -13,9 +13,10 @@ def test_gguf_ships_with_the_wheel():
 
 @pytest.mark.slow
 def test_default_model_answers_sensibly():
-    result = mmllm.generate(prompt="What is the capital of France?", max_new_tokens=24)
+    # Named explicitly: once the toy default is built, a bare mmllm.generate() uses that instead.
+    result = mmllm.generate(prompt="What is the capital of France?", max_new_tokens=24, model="smollm2")
     assert "Paris" in result.text
-    model = mmllm.load()  # the embedded default
+    model = mmllm.load("smollm2")
     assert model.config.llm.source == "smollm2"
     assert model.llm.config.hidden_size == 576 and model.llm.config.num_hidden_layers == 30
     # the chat template comes from the tokenizer itself
