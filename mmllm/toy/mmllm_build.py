@@ -56,10 +56,10 @@ class DefaultSettings:
 
     items: int = 1000  # per modality: caption pairs, generation pairs and QA items
     dialogues: int = 300  # multi-turn LLaVA dialogues
-    stage1_steps: int = 120
+    stage1_steps: int = 100
     stage1_batch: int = 16
     stage1_lr: float = 1e-3
-    stage2_steps: int = 80
+    stage2_steps: int = 70
     stage2_batch: int = 8
     stage2_lr: float = 5e-4  # LoRA and signal rows
     stage2_projector_lr: float = 5e-4  # stage 1 is short, so the projectors keep learning
@@ -73,13 +73,15 @@ class DefaultSettings:
         return cls(items=6, dialogues=6, stage1_steps=2, stage1_batch=2, stage2_steps=2, stage2_batch=2,
                    save_every=0)
 
-    def stage_fingerprint(self, stage: str, components: dict) -> str:
-        """What a stage's result depends on: its settings, the data and the components."""
+    def stage_fingerprint(self, stage: str, components: dict, overrides: Optional[dict] = None) -> str:
+        """What a stage's result depends on: its settings, the data, the components (their
+        ``toy_component.json``) and any model config overrides."""
         keys = {"stage1": ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "seed"),
                 "stage2": ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps",
                            "stage2_batch", "stage2_lr", "stage2_projector_lr", "lora", "seed")}[stage]
         data = {"settings": {k: getattr(self, k) for k in keys},
-                "components": {k: (v or {}).get("build_id") for k, v in components.items()}}
+                "components": {k: (v or {}).get("build_id") for k, v in components.items()},
+                "overrides": overrides or {}}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,11 +224,12 @@ def _train_config(**kwargs):
 
 def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fast: bool = False,
                   settings: Optional[DefaultSettings] = None, progress: bool = True, force: bool = False,
-                  log: Callable[[str], None] = print) -> Path:
+                  config_overrides: Optional[dict] = None, log: Callable[[str], None] = print) -> Path:
     """Build the toy MMLLM under ``root`` (every missing step) and return ``<root>/model``.
 
     ``fast`` uses ``build_components(fast=True)`` and ``DefaultSettings.fast()`` (tests);
-    ``force`` retrains both stages (components and data are still reused).
+    ``force`` retrains both stages (components and data are still reused);
+    ``config_overrides`` go to ``toy_config`` (e.g. a tiny random LLM in tests).
     """
     import torch
 
@@ -254,11 +257,11 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
     common = dict(mix="alternate", precision="fp32", log_every=0, progress=progress, seed=settings.seed,
                   save_every=settings.save_every, warmup_ratio=0.05, data_root=str(root / "data"))
     s1, s2 = root / "runs" / "stage1", root / "runs" / "stage2"
-    fp1 = settings.stage_fingerprint("stage1", components)
-    fp2 = settings.stage_fingerprint("stage2", components)
+    fp1 = settings.stage_fingerprint("stage1", components, config_overrides)
+    fp2 = settings.stage_fingerprint("stage2", components, config_overrides)
 
     def model_for_stage1():
-        return MMLLM.from_config(toy_config(root), device=device)
+        return MMLLM.from_config(toy_config(root, **(config_overrides or {})), device=device)
 
     t = time.time()
     info1 = _run_stage(

@@ -1,0 +1,182 @@
+"""Score a model on the toy world with the ground-truth oracles (``mmllm.toy.oracle``).
+
+Understanding (image, audio, video in; text out):
+
+- ``caption``: "Describe the image." -> ``analyse_text`` of the answer, every attribute
+  compared with the true spec.
+- ``qa``: one question per item, about each attribute in turn ("What colour is the
+  shape?") -> ``analyse_text`` of the answer, only the asked attribute compared (so each
+  attribute gets ``n / number of attributes`` questions).
+
+Generation (text in; media out): a request ("Draw a small red circle on the left.") ->
+the produced image / audio / video is read back with ``analyse_image`` /
+``analyse_audio`` / ``analyse_video`` and compared per attribute; ``produced`` is the
+share of requests that gave media of the requested modality at all (a missing one
+scores wrong on every attribute).
+
+Both on held-in (``train``: attribute pairs seen in training, fresh renderings) and
+held-out (``test``: attribute pairs never seen together) specs. The chance column is a
+uniform guess, ``1 / number of values``, which is its expected accuracy on any split.
+
+The model is anything with ``generate_batch(requests, **kwargs) -> [GenerateResult]``
+(``MMLLM`` or a test double), so the metric itself is testable without a trained model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import oracle, world
+from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES
+
+DESCRIBE = {"image": "Describe the image.", "audio": "Describe the audio.", "video": "Describe the video."}
+SPLIT_NAMES = {"train": "held-in", "test": "held-out"}
+RESULT_FIELD = {"image": "images", "audio": "audio", "video": "videos"}
+
+
+def _rng(seed: int, *names: str) -> np.random.Generator:
+    return np.random.default_rng([seed, 4243, *(sum(map(ord, n)) for n in names)])
+
+
+def chance(modality: str, attribute: str) -> float:
+    """Expected accuracy of a uniform random guess."""
+    return 1.0 / len(world.attribute_values(modality)[attribute])
+
+
+def render_input(spec, rng: np.random.Generator):
+    """A jittered rendering of ``spec`` as the model's input (uint8 image / float audio / uint8 video)."""
+    if spec.modality == "image":
+        return world.render_image(spec, IMAGE_SIZE, rng=rng)
+    if spec.modality == "audio":
+        return world.render_audio(spec, SAMPLE_RATE, 1.0, rng=rng)
+    return world.render_video(spec, IMAGE_SIZE, VIDEO_FRAMES, rng=rng)
+
+
+def read_output(modality: str, out: Any) -> dict:
+    """Oracle attributes of one produced item (``ImageOutput`` / ``AudioOutput`` / ``VideoOutput``)."""
+    if modality == "image":
+        return oracle.analyse_image(out.numpy() if hasattr(out, "numpy") else out)
+    if modality == "audio":
+        return oracle.analyse_audio(np.asarray(out.waveform, np.float32).reshape(-1), out.sample_rate)
+    return oracle.analyse_video(out.frames)
+
+
+def _ask(model, requests: list[dict], batch: int, max_new_tokens: int, **kwargs) -> list:
+    results = []
+    for i in range(0, len(requests), batch):
+        results += model.generate_batch(requests[i:i + batch], max_new_tokens=max_new_tokens, temperature=0.0,
+                                        **kwargs)
+    return results
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def evaluate_understanding(model, modality: str, split: str, n: int, seed: int = 0, batch: int = 16,
+                           max_new_tokens: int = 20, keep_examples: int = 3) -> dict:
+    """{"caption": {attr: acc, "all": ...}, "qa": {attr: acc}, "examples": [...]} for ``n`` specs."""
+    rng = _rng(seed, "understand", modality, split)
+    specs = [world.sample_spec(rng, modality, split) for _ in range(n)]
+    inputs = [render_input(s, rng) for s in specs]
+    attrs = list(world.attribute_values(modality))
+    # Text-only: the model must not draw while answering.
+    text_only = {"output_modalities": []} if getattr(model, "output_modalities", ()) else {}
+    captions = _ask(model, [{"prompt": DESCRIBE[modality], modality: x} for x in inputs], batch, max_new_tokens,
+                    **text_only)
+    cap_rows = [oracle.score(oracle.analyse_text(r.text, modality), s) for r, s in zip(captions, specs)]
+    questions, truth = [], []
+    for i, (s, x) in enumerate(zip(specs, inputs)):  # one question per item, attributes in turn
+        a = attrs[i % len(attrs)]
+        q, _, _ = world.question_answer(s, a, rng)
+        questions.append({"prompt": q, modality: x})
+        truth.append((s, a))
+    answers = _ask(model, questions, batch, max_new_tokens, **text_only)
+    qa: dict[str, list[float]] = {a: [] for a in attrs}
+    for r, (s, a) in zip(answers, truth):
+        qa[a].append(float(oracle.analyse_text(r.text, modality).get(a) == getattr(s, a)))
+    examples = [{"spec": s.to_dict(), "caption": c.text} for s, c in zip(specs[:keep_examples], captions)]
+    examples += [{"question": q["prompt"], "answer": r.text, "truth": getattr(s, a)}
+                 for q, r, (s, a) in list(zip(questions, answers, truth))[:keep_examples]]
+    return {"caption": {k: _mean([row[k] for row in cap_rows]) for k in (*attrs, "all")},
+            "qa": {a: _mean(v) for a, v in qa.items()}, "examples": examples}
+
+
+def evaluate_generation(model, modality: str, split: str, n: int, seed: int = 0, batch: int = 8,
+                        max_new_tokens: int = 40, keep_examples: int = 3, **decoder_kwargs) -> dict:
+    """{"produced": rate, attr: acc, ..., "all": exact match, "examples": [...]} for ``n`` requests."""
+    rng = _rng(seed, "generate", modality, split)
+    specs = [world.sample_spec(rng, modality, split) for _ in range(n)]
+    prompts = [world.generation_request(s, rng) for s in specs]
+    results = _ask(model, [{"prompt": p} for p in prompts], batch, max_new_tokens, **decoder_kwargs)
+    attrs = list(world.attribute_values(modality))
+    rows, produced, examples = [], [], []
+    empty = {a: None for a in attrs}
+    for p, s, r in zip(prompts, specs, results):
+        items = getattr(r, RESULT_FIELD[modality])
+        produced.append(float(bool(items)))
+        pred = read_output(modality, items[0]) if items else empty
+        rows.append(oracle.score(pred, s))
+        if len(examples) < keep_examples:
+            examples.append({"request": p, "reply": r.text, "read_back": pred})
+    out = {"produced": _mean(produced)}
+    out.update({k: _mean([row[k] for row in rows]) for k in (*attrs, "all")})
+    out["examples"] = examples
+    return out
+
+
+def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_n: Optional[int] = None,
+             seed: int = 0, tasks: Sequence[str] = ("understanding", "generation"),
+             modalities: Sequence[str] = world.MODALITIES, batch: int = 16,
+             progress: Callable[[str], None] = lambda _: None, **decoder_kwargs) -> dict:
+    """The full report: ``report[split][task][modality]`` (see the two functions above)."""
+    report: dict = {"settings": {"n": n, "gen_n": gen_n or n, "seed": seed, "splits": list(splits)}}
+    for split in splits:
+        report[split] = {}
+        for task in tasks:
+            report[split][task] = {}
+            for m in modalities:
+                progress(f"{SPLIT_NAMES.get(split, split)} {task} {m}")
+                if task == "understanding":
+                    report[split][task][m] = evaluate_understanding(model, m, split, n, seed, batch)
+                elif task == "generation":
+                    if m in getattr(model, "output_modalities", world.MODALITIES):
+                        report[split][task][m] = evaluate_generation(model, m, split, gen_n or n, seed,
+                                                                     max(1, batch // 2), **decoder_kwargs)
+                else:
+                    raise ValueError(f"unknown task {task!r}; use 'understanding' and/or 'generation'")
+    return report
+
+
+def table(report: dict) -> str:
+    """A markdown table: one row per (task, modality, attribute), one column per split, plus chance."""
+    splits = report["settings"]["splits"]
+    head = ["task", "modality", "attribute", *(SPLIT_NAMES.get(s, s) for s in splits), "chance"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    first = report[splits[0]]
+
+    def cell(split, task, m, key, attr):
+        try:
+            block = report[split][task][m]
+            v = block[key][attr] if key else block[attr]
+        except KeyError:
+            return "-"
+        return f"{v:.2f}"
+
+    for task in first:
+        for m in first[task]:
+            attrs = list(world.attribute_values(m))
+            keyed = [("caption", a) for a in (*attrs, "all")] + [("qa", a) for a in attrs] \
+                if task == "understanding" else [(None, a) for a in ("produced", *attrs, "all")]
+            for key, a in keyed:
+                name = f"{task} ({key})" if key else task
+                ch = "-" if a in ("all", "produced") else f"{chance(m, a):.2f}"
+                if a == "all":
+                    ch = f"{np.prod([chance(m, x) for x in attrs]):.3f}"
+                lines.append("| " + " | ".join([name, m, a, *(cell(s, task, m, key, a) for s in splits), ch]) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["chance", "evaluate", "evaluate_generation", "evaluate_understanding", "read_output", "table"]

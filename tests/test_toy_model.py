@@ -1,0 +1,177 @@
+"""The toy default: build pipeline end to end (fast components, tiny LLM), the oracle
+metric of scripts/evaluate.py on scripted models, and the default-model selection."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+import mmllm  # noqa: F401  (import order: mmllm before pipelines)
+from mmllm import api
+from mmllm.generation import GenerateResult
+from mmllm.toy import oracle, world
+from mmllm.toy.evaluate import chance, evaluate, table
+from mmllm.toy.mmllm_build import BUILD_INFO, HINT, DefaultSettings, build_default, is_built, model_dir
+from pipelines import AudioOutput, ImageOutput, VideoOutput
+
+TINY_LLM = {"llm": {"source": None, "tokenizer": "smollm2", "init": "random", "dtype": "float32",
+                    "arch": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 37,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "vocab_size": 49152, "max_position_embeddings": 1024, "tie_word_embeddings": True,
+                             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}}}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_default")
+    settings = DefaultSettings.fast()
+    path = build_default(root, fast=True, settings=settings, progress=False, config_overrides=TINY_LLM,
+                         log=lambda _: None)
+    return root, path
+
+
+# --------------------------------------------------------------------------- build pipeline
+
+
+def test_build_runs_both_stages_into_a_loadable_model(built):
+    root, path = built
+    assert path == model_dir(root) and is_built(root)
+    info = json.loads((path / BUILD_INFO).read_text())
+    assert info["stage1_run"]["steps"] == 2 and info["stage2_run"]["steps"] == 2
+    for stage in ("stage1", "stage2"):
+        assert (root / "runs" / stage / "model" / "config.json").is_file()
+    # The stage files: one per input modality, every row usable.
+    data = root / "data"
+    assert {p.name for p in data.glob("stage2_*.json")} == {f"stage2_{m}.json" for m in ("image", "audio", "video", "text")}
+    for stage in ("stage1", "stage2"):
+        assert json.loads((root / "runs" / stage / "bad_rows.json").read_text())["count"] == 0
+    model = mmllm.load(str(path))
+    assert model.config.llm.lora is not None  # stage 2's adapters come back
+    assert set(model.output_modalities) == {"image", "audio", "video"}
+    out = model.generate("Draw a red circle.", max_new_tokens=4)
+    assert isinstance(out.text, str)
+
+
+def test_second_build_reuses_everything(built):
+    root, path = built
+    before = (path / BUILD_INFO).stat().st_mtime_ns
+    stamps = {s: (root / "runs" / s / "done.json").stat().st_mtime_ns for s in ("stage1", "stage2")}
+    logs = []
+    build_default(root, fast=True, settings=DefaultSettings.fast(), progress=False, config_overrides=TINY_LLM,
+                  log=logs.append)
+    assert (path / BUILD_INFO).stat().st_mtime_ns == before
+    assert {s: (root / "runs" / s / "done.json").stat().st_mtime_ns for s in ("stage1", "stage2")} == stamps
+    assert any("reusing" in line for line in logs)
+
+
+def test_changed_settings_fingerprint_differs():
+    a, b = DefaultSettings(), DefaultSettings(stage2_steps=7)
+    comps = {"clip": {"build_id": "x"}}
+    assert a.stage_fingerprint("stage1", comps) == b.stage_fingerprint("stage1", comps)
+    assert a.stage_fingerprint("stage2", comps) != b.stage_fingerprint("stage2", comps)
+    assert a.stage_fingerprint("stage1", comps) != a.stage_fingerprint("stage1", {"clip": {"build_id": "y"}})
+    assert a.stage_fingerprint("stage1", comps) != a.stage_fingerprint("stage1", comps, TINY_LLM)
+
+
+# --------------------------------------------------------------------------- the metric
+
+
+class ScriptedModel:
+    """A stand-in for MMLLM.generate_batch. ``perfect`` reads the input (or the request) with
+    the oracles and answers with the true canonical caption / renders the requested spec;
+    otherwise it always answers "a green square" and never produces media."""
+
+    output_modalities = ("image", "audio", "video")
+
+    def __init__(self, perfect: bool):
+        self.perfect = perfect
+
+    def _spec_of_input(self, req):
+        m = next(k for k in ("image", "audio", "video") if k in req)
+        return world.spec_from_dict(oracle.analyse(req[m], m))
+
+    def generate_batch(self, requests, **kwargs):
+        out = []
+        for req in requests:
+            if any(k in req for k in ("image", "audio", "video")):
+                text = world.canonical_caption(self._spec_of_input(req)) if self.perfect else "a green square"
+                out.append(GenerateResult(text=text))
+                continue
+            words = {"image": ("draw", "picture", "image"), "audio": ("play", "sound", "audio", "hear"),
+                     "video": ("video", "animate", "clip")}
+            m = next(m for m in world.MODALITIES if any(w in req["prompt"].lower() for w in words[m]))
+            if not self.perfect:
+                out.append(GenerateResult(text="Sorry."))
+                continue
+            spec = world.spec_from_dict(oracle.analyse_text(req["prompt"], m))
+            if m == "image":
+                res = GenerateResult(text="Here.", images=[ImageOutput(_pil(world.render_image(spec)))])
+            elif m == "audio":
+                res = GenerateResult(text="Here.", audio=[AudioOutput(world.render_audio(spec), 16000)])
+            else:
+                res = GenerateResult(text="Here.", videos=[VideoOutput(world.render_video(spec, 32, 4), 4)])
+            out.append(res)
+        return out
+
+
+def _pil(arr):
+    from PIL import Image
+
+    return Image.fromarray(arr)
+
+
+def _values(report, split):
+    for task, mods in report[split].items():
+        for m, block in mods.items():
+            if task == "understanding":
+                yield from ((f"{task}/{m}/{k}/{a}", v) for k in ("caption", "qa") for a, v in block[k].items())
+            else:
+                yield from ((f"{task}/{m}/{a}", v) for a, v in block.items() if a != "examples")
+
+
+def test_metric_gives_one_to_the_truth_and_little_to_a_wrong_model():
+    good = evaluate(ScriptedModel(True), splits=("train", "test"), n=5, gen_n=2)
+    for split in ("train", "test"):
+        vals = dict(_values(good, split))
+        assert vals and all(v == 1.0 for v in vals.values()), {k: v for k, v in vals.items() if v != 1.0}
+    bad = evaluate(ScriptedModel(False), splits=("test",), n=5, gen_n=2)
+    vals = dict(_values(bad, "test"))
+    gen = {k: v for k, v in vals.items() if k.startswith("generation")}
+    assert all(v == 0.0 for v in gen.values())  # no media: produced 0, every attribute wrong
+    # "a green square" is right only by accident (a green or square truth, a lone shape).
+    und = [v for k, v in vals.items() if k.startswith("understanding") and k.endswith("/all")]
+    assert max(und) <= 0.25
+    text = table(good)
+    assert "| understanding (qa) | image | colour | 1.00 | 1.00 | 0.17 |" in text
+
+
+def test_chance_is_one_over_the_number_of_values():
+    assert chance("image", "colour") == pytest.approx(1 / 6)
+    assert chance("audio", "pitch") == pytest.approx(1 / 3)
+    assert chance("video", "direction") == pytest.approx(1 / 4)
+
+
+# --------------------------------------------------------------------------- default selection
+
+
+def test_default_is_smollm2_with_a_hint_when_the_toy_is_not_built(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("MMLLM_CACHE", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="mmllm"):
+        assert api.default_model_name() == api.DEFAULT_MODEL == "smollm2"
+    assert HINT in caplog.text and "scripts/build_default.py" in caplog.text
+    with pytest.raises(FileNotFoundError, match="build_default.py"):
+        api.load("toy")
+
+
+def test_default_is_the_toy_model_when_built(monkeypatch, tmp_path, built):
+    root, path = built
+    monkeypatch.setenv("MMLLM_CACHE", str(tmp_path))
+    cache_toy = tmp_path / "toy"
+    cache_toy.mkdir()
+    (cache_toy / "model").symlink_to(path, target_is_directory=True)
+    assert api.default_model_name() == str(model_dir())
+    loaded = []
+    monkeypatch.setattr(api.MMLLM, "from_pretrained", classmethod(lambda cls, p, **kw: loaded.append(str(p)) or "m"))
+    assert api.load() == "m" and api.load("toy") == "m"
+    assert loaded == [str(cache_toy / "model")] * 2
