@@ -56,16 +56,16 @@ class DefaultSettings:
 
     items: int = 1000  # per modality: caption pairs, generation pairs and QA items
     dialogues: int = 300  # multi-turn LLaVA dialogues
-    stage1_steps: int = 100
-    stage1_batch: int = 16
+    stage1_steps: int = 48
+    stage1_batch: int = 8
     stage1_lr: float = 1e-3
-    stage2_steps: int = 70
-    stage2_batch: int = 8
+    stage2_steps: int = 40
+    stage2_batch: int = 4
     stage2_lr: float = 5e-4  # LoRA and signal rows
     stage2_projector_lr: float = 5e-4  # stage 1 is short, so the projectors keep learning
     lora: dict = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0,
                                                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
-    save_every: int = 20  # checkpoints, for resuming an interrupted stage
+    save_every: int = 10  # checkpoints, for resuming an interrupted stage
     seed: int = 0
 
     @classmethod
