@@ -1,0 +1,169 @@
+"""Kill a stage-1 training run with SIGKILL at random moments, resume it, compare with an uninterrupted run.
+
+    python scripts/kill_resume_check.py --kills 5 --steps 30 --save-every 3 --seed 0
+
+Runs ``scripts/train_stage1.py`` (tiny preset, toy data written to a temporary directory) once
+without interruption, then again, killing it ``--kills`` times at seeded random moments and
+restarting it with ``--resume latest`` each time. After every kill each ``checkpoints/step-*``
+directory must be complete and readable (weights, optimiser state, trainer state); ``.tmp-*``
+directories may be left behind and are ignored. At the end the weights in ``model/`` must equal
+those of the uninterrupted run bit for bit (``torch.equal``), and so must the loss history.
+Prints one line per attempt and a JSON summary; exits 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json")
+
+
+def write_data(root: Path) -> dict:
+    from mmllm.toy.world import write_dataset
+
+    paths = write_dataset(root, n=4, size=16, seconds=0.5, frames=4, n_dialogues=4)
+    return {"captions": str(paths["captions"]), "generation": str(paths["generation"])}
+
+
+def command(data: dict, out: Path, steps: int, save_every: int, resume: bool) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "scripts/train_stage1.py"), "--model", "tiny", "--captions", data["captions"],
+           "--generation", data["generation"], "--out", str(out), "--steps", str(steps), "--batch-size", "3",
+           "--save-every", str(save_every), "--lr", "5e-3", "--shuffle-buffer", "5", "--seed", "0", "--no-progress"]
+    return cmd + (["--resume", "latest"] if resume else [])
+
+
+def start(cmd: list[str]) -> tuple[subprocess.Popen, threading.Event, list[str]]:
+    """Start ``cmd``; the event is set once training has begun (the parameter table is printed)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    started, lines = threading.Event(), []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "trainable parameters" in line:
+                started.set()
+        started.set()  # the process ended (or failed) before training
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, started, lines
+
+
+def check_checkpoints(out: Path) -> int:
+    """Every ``step-*`` dir is complete and readable; returns the newest step (0: none yet)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mmllm.training.trainer import STATE_NAME, latest_checkpoint
+
+    ckdir = out / "checkpoints"
+    steps = []
+    for d in sorted(ckdir.glob("step-*")) if ckdir.is_dir() else []:
+        missing = [f for f in CHECKPOINT_FILES if not (d / f).is_file()]
+        assert not missing, f"partial checkpoint {d}: missing {missing}"
+        state = json.loads((d / STATE_NAME).read_text())
+        assert state["step"] == int(d.name.split("-")[1]) and len(state["losses"]) == state["step"], d
+        assert load_file(str(d / "model.safetensors")), f"{d}: no weights"
+        torch.load(d / "optimizer.bin", weights_only=True)
+        steps.append(state["step"])
+    latest = latest_checkpoint(out)
+    assert (latest is None) == (not steps) and (latest is None or latest.name == f"step-{max(steps):08d}")
+    return max(steps, default=0)
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model" / "trainable.safetensors"))
+
+
+def kill_resume(workdir: Path, kills: int = 5, steps: int = 30, save_every: int = 3, seed: int = 0,
+                log=print) -> dict:
+    """The whole check; returns a summary dict (``equal`` is the verdict). Raises on a broken checkpoint."""
+    import torch
+
+    workdir = Path(workdir)
+    data = write_data(workdir / "data")
+    rng = random.Random(seed)
+
+    t0 = time.monotonic()
+    proc, started, lines = start(command(data, workdir / "full", steps, save_every, resume=False))
+    started.wait()
+    t_train = time.monotonic()
+    if proc.wait() != 0:
+        raise RuntimeError("uninterrupted run failed:\n" + "".join(lines[-30:]))
+    train_s = time.monotonic() - t_train
+    log(f"uninterrupted run: {time.monotonic() - t0:.1f} s ({train_s:.1f} s training)")
+
+    out = workdir / "cut"
+    attempts, killed, resumes = [], 0, 0
+    while True:
+        done = check_checkpoints(out)
+        resume = done > 0
+        proc, started, lines = start(command(data, out, steps, save_every, resume=resume))
+        resumes += resume
+        started.wait()
+        if killed < kills:
+            # A random moment of what is left of the training phase (import time is not counted).
+            delay = rng.uniform(0.05, 0.9) * train_s * (steps - done) / steps
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        rc = proc.wait()
+        if rc == -signal.SIGKILL:
+            killed += 1
+            latest = check_checkpoints(out)
+            tmp = sorted(p.name for p in (out / "checkpoints").glob(".tmp-*")) if (out / "checkpoints").is_dir() else []
+            attempts.append({"kill": killed, "after_s": round(delay, 2), "latest_step": latest, "tmp_dirs": tmp})
+            log(f"kill {killed}: after {delay:.2f} s of training; latest complete checkpoint step {latest}; "
+                f"left-over tmp dirs {tmp}")
+            continue
+        if rc != 0:
+            raise RuntimeError(f"run failed (rc {rc}):\n" + "".join(lines[-30:]))
+        if killed < kills:
+            log(f"run finished before the kill ({delay:.2f} s); starting over is not needed")
+        break
+    check_checkpoints(out)
+    a, b = final_weights(workdir / "full"), final_weights(out)
+    equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    max_diff = max(((a[k] - b[k]).abs().max().item() for k in a), default=0.0) if a.keys() == b.keys() else None
+    la = json.loads((workdir / "full/checkpoints" / f"step-{steps:08d}" / "trainer_state.json").read_text())["losses"]
+    lb = json.loads((out / "checkpoints" / f"step-{steps:08d}" / "trainer_state.json").read_text())["losses"]
+    summary = {"kills": killed, "resumes": resumes, "steps": steps, "save_every": save_every, "seed": seed,
+               "equal": equal and la == lb, "weights_equal": equal, "losses_equal": la == lb, "max_abs_diff": max_diff,
+               "tensors": len(a), "left_over_tmp_dirs": sorted(p.name for p in (out / "checkpoints").glob(".tmp-*")),
+               "attempts": attempts, "seconds": round(time.monotonic() - t0, 1)}
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=5, help="SIGKILLs before the run may finish")
+    p.add_argument("--steps", type=int, default=30, help="optimiser steps of the run")
+    p.add_argument("--save-every", type=int, default=3, help="checkpoint interval in steps (a divisor of --steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
+    p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary directory)")
+    args = p.parse_args(argv)
+    if args.steps % args.save_every:
+        p.error("--save-every must divide --steps (the final checkpoint holds the loss history compared)")
+    with tempfile.TemporaryDirectory(prefix="kill-resume-") as tmp:
+        summary = kill_resume(Path(args.workdir or tmp), args.kills, args.steps, args.save_every, args.seed)
+    print(json.dumps(summary, indent=1))
+    return 0 if summary["equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
