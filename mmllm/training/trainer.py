@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import math
@@ -63,6 +64,29 @@ def latest_checkpoint(out: str | os.PathLike) -> Optional[Path]:
     d = Path(out) / "checkpoints"
     found = sorted(p for p in d.glob("step-*") if (p / STATE_NAME).is_file()) if d.is_dir() else []
     return found[-1] if found else None
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint dir; it is renamed out of ``step-*`` first, so a kill mid-delete
+    never leaves a partial ``step-*`` dir behind (left-over ``.tmp-*`` dirs are ignored)."""
+    trash = path.with_name(f".tmp-del-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def disk_full_error(err: OSError, what: str, kept: Optional[Path]) -> OSError:
+    """``err`` (no space left / quota) reworded to say what was kept and what to do."""
+    kept_text = f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
+    return OSError(err.errno, f"no space left on the disk while writing {what} ({err}); {kept_text}. Free disk "
+                              "space, or point --out at a larger disk, or keep fewer checkpoints (keep_checkpoints), "
+                              "then rerun with --resume latest")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA/MPS out of memory, or the CPU allocator failing."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
@@ -133,21 +157,30 @@ class Trainer:
         ckdir = Path(self.cfg.out) / "checkpoints"
         final, tmp = ckdir / f"step-{step:08d}", ckdir / f".tmp-step-{step:08d}"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in ckdir.glob(".tmp-*"):  # left by a run killed while saving or deleting
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                state = {"step": step, "epoch": epoch, "batches_in_epoch": batches, "losses": result.losses,
+                         "parts": result.parts, "skipped_steps": result.skipped_steps,
+                         "config": self.cfg.to_dict()}
+                (tmp / STATE_NAME).write_text(json.dumps(state))
+        except OSError as err:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full_error(err, f"checkpoint step {step} to {tmp}", latest_checkpoint(self.cfg.out)) from err
+            raise
         if acc.is_main_process:
-            state = {"step": step, "epoch": epoch, "batches_in_epoch": batches, "losses": result.losses,
-                     "parts": result.parts, "skipped_steps": result.skipped_steps,
-                     "config": self.cfg.to_dict()}
-            (tmp / STATE_NAME).write_text(json.dumps(state))
             if final.exists():
-                shutil.rmtree(final)
+                remove_checkpoint(final)
             os.replace(tmp, final)  # atomic: a checkpoint dir is complete or absent
             if self.cfg.keep_checkpoints > 0:
                 for old in sorted(ckdir.glob("step-*"))[: -self.cfg.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    remove_checkpoint(old)
         acc.wait_for_everyone()
 
     def _register_hooks(self, module) -> None:
@@ -163,6 +196,22 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(err):
+                raise
+            cfg = self.cfg
+            kept = latest_checkpoint(cfg.out)
+            raise torch.OutOfMemoryError(
+                f"out of memory while training ({err}). With batch_size={cfg.batch_size}, precision {cfg.precision}, "
+                f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}: lower --batch-size (raise "
+                "--grad-accum to keep the global batch), enable --gradient-checkpointing, train in --precision bf16, "
+                "or precompute encoder features with --feature-cache. "
+                + (f"The last checkpoint {kept} is intact; rerun with --resume latest." if kept
+                   else "No checkpoint was written yet.")) from err
+
+    def _train(self) -> TrainResult:
         cfg, acc = self.cfg, self.acc
         torch.manual_seed(cfg.seed)
         counts = set_trainable(self.model, cfg.stage, cfg.lora)
@@ -307,7 +356,12 @@ class Trainer:
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             model.eval()
-            result.model_dir = model.save_pretrained(out / MODEL_DIR)
+            try:
+                result.model_dir = model.save_pretrained(out / MODEL_DIR)
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise disk_full_error(err, f"the finished model to {out / MODEL_DIR}", latest_checkpoint(out)) from err
             (out / "bad_rows.json").write_text(json.dumps({"count": self.report.count, "rows": self.report.to_json()}, indent=1))
             self.print(self.report.summary())
             self.print(f"saved {result.model_dir} (open it with mmllm.load)")
