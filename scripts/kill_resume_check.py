@@ -6,7 +6,8 @@ Runs ``scripts/train_stage1.py`` (tiny preset, toy data written to a temporary d
 without interruption, then again, killing it ``--kills`` times at seeded random moments and
 restarting it with ``--resume latest`` each time. After every kill each ``checkpoints/step-*``
 directory must be complete and readable (weights, optimiser state, trainer state); ``.tmp-*``
-directories may be left behind and are ignored. At the end the weights in ``model/`` must equal
+directories may be left behind and are ignored (the last ``--in-save`` kills are aimed at a
+checkpoint being written: the process is killed once ``.tmp-step-N`` appears). At the end the weights in ``model/`` must equal
 those of the uninterrupted run bit for bit (``torch.equal``), and so must the loss history.
 Prints one line per attempt and a JSON summary; exits 1 on a mismatch.
 """
@@ -88,9 +89,21 @@ def final_weights(out: Path) -> dict:
     return load_file(str(out / "model" / "trainable.safetensors"))
 
 
+def wait_for_save(proc: subprocess.Popen, out: Path, timeout: float) -> bool:
+    """Poll until a checkpoint is being written (a ``.tmp-step-*`` dir exists) while an earlier one is
+    complete, so that the restart resumes; False if none came."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if any((out / "checkpoints").glob(".tmp-step-*")) and any((out / "checkpoints").glob("step-*")):
+            return True
+        time.sleep(0.001)
+    return False
+
+
 def kill_resume(workdir: Path, kills: int = 5, steps: int = 30, save_every: int = 3, seed: int = 0,
-                log=print) -> dict:
-    """The whole check; returns a summary dict (``equal`` is the verdict). Raises on a broken checkpoint."""
+                in_save: int = 1, log=print) -> dict:
+    """The whole check; returns a summary dict (``equal`` is the verdict). Raises on a broken checkpoint.
+    The last ``in_save`` kills are aimed at a checkpoint being written, the others at random moments."""
     import torch
 
     workdir = Path(workdir)
@@ -117,8 +130,14 @@ def kill_resume(workdir: Path, kills: int = 5, steps: int = 30, save_every: int 
         if killed < kills:
             # A random moment of what is left of the training phase (import time is not counted).
             delay = rng.uniform(0.05, 0.9) * train_s * (steps - done) / steps
+            aimed = killed >= kills - in_save
+            t_start = time.monotonic()
+            if aimed:
+                wait_for_save(proc, out, train_s)
+                time.sleep(rng.uniform(0.0, 0.01))  # somewhere inside accelerate's save_state
+                delay = time.monotonic() - t_start
             try:
-                proc.wait(timeout=delay)
+                proc.wait(timeout=0 if aimed else delay)
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -127,8 +146,10 @@ def kill_resume(workdir: Path, kills: int = 5, steps: int = 30, save_every: int 
             killed += 1
             latest = check_checkpoints(out)
             tmp = sorted(p.name for p in (out / "checkpoints").glob(".tmp-*")) if (out / "checkpoints").is_dir() else []
-            attempts.append({"kill": killed, "after_s": round(delay, 2), "latest_step": latest, "tmp_dirs": tmp})
-            log(f"kill {killed}: after {delay:.2f} s of training; latest complete checkpoint step {latest}; "
+            attempts.append({"kill": killed, "after_s": round(delay, 2), "aimed_at_save": aimed, "latest_step": latest,
+                             "tmp_dirs": tmp})
+            log(f"kill {killed}{' (aimed at a save)' if aimed else ''}: after {delay:.2f} s of training; "
+                f"latest complete checkpoint step {latest}; "
                 f"left-over tmp dirs {tmp}")
             continue
         if rc != 0:
@@ -143,6 +164,7 @@ def kill_resume(workdir: Path, kills: int = 5, steps: int = 30, save_every: int 
     la = json.loads((workdir / "full/checkpoints" / f"step-{steps:08d}" / "trainer_state.json").read_text())["losses"]
     lb = json.loads((out / "checkpoints" / f"step-{steps:08d}" / "trainer_state.json").read_text())["losses"]
     summary = {"kills": killed, "resumes": resumes, "steps": steps, "save_every": save_every, "seed": seed,
+               "kills_aimed_at_saves": sum(a["aimed_at_save"] for a in attempts),
                "equal": equal and la == lb, "weights_equal": equal, "losses_equal": la == lb, "max_abs_diff": max_diff,
                "tensors": len(a), "left_over_tmp_dirs": sorted(p.name for p in (out / "checkpoints").glob(".tmp-*")),
                "attempts": attempts, "seconds": round(time.monotonic() - t0, 1)}
@@ -155,12 +177,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="optimiser steps of the run")
     p.add_argument("--save-every", type=int, default=3, help="checkpoint interval in steps (a divisor of --steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
+    p.add_argument("--in-save", type=int, default=1, help="how many of the kills (the last ones) hit a checkpoint write")
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary directory)")
     args = p.parse_args(argv)
     if args.steps % args.save_every:
         p.error("--save-every must divide --steps (the final checkpoint holds the loss history compared)")
     with tempfile.TemporaryDirectory(prefix="kill-resume-") as tmp:
-        summary = kill_resume(Path(args.workdir or tmp), args.kills, args.steps, args.save_every, args.seed)
+        summary = kill_resume(Path(args.workdir or tmp), args.kills, args.steps, args.save_every, args.seed, args.in_save)
     print(json.dumps(summary, indent=1))
     return 0 if summary["equal"] else 1
 
