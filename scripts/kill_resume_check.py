@@ -6,7 +6,7 @@ Runs ``scripts/train_stage1.py`` (tiny preset, toy data written to a temporary d
 without interruption, then again, killing it ``--kills`` times at seeded random moments and
 restarting it with ``--resume latest`` each time. After every kill each ``checkpoints/step-*``
 directory must be complete and readable (weights, optimiser state, trainer state); ``.tmp-*``
-directories may be left behind and are ignored (the last ``--in-save`` kills are aimed at a
+directories may be left behind and are ignored (the first ``--in-save`` kills are aimed at a
 checkpoint being written: the process is killed once ``.tmp-step-N`` appears). At the end the weights in ``model/`` must equal
 those of the uninterrupted run bit for bit (``torch.equal``), and so must the loss history.
 Prints one line per attempt and a JSON summary; exits 1 on a mismatch.
@@ -92,18 +92,30 @@ def final_weights(out: Path) -> dict:
 def wait_for_save(proc: subprocess.Popen, out: Path, timeout: float) -> bool:
     """Poll until a checkpoint is being written (a ``.tmp-step-*`` dir exists) while an earlier one is
     complete, so that the restart resumes; False if none came."""
-    end = time.monotonic() + timeout
+    end, since = time.monotonic() + timeout, time.time()
     while time.monotonic() < end and proc.poll() is None:
-        if any((out / "checkpoints").glob(".tmp-step-*")) and any((out / "checkpoints").glob("step-*")):
+        fresh = [p for p in (out / "checkpoints").glob(".tmp-step-*") if p.stat().st_ctime >= since]  # not a left-over
+        if fresh and any((out / "checkpoints").glob("step-*")):
             return True
         time.sleep(0.001)
     return False
 
 
+def wait_for_step(proc: subprocess.Popen, out: Path, step: int) -> None:
+    """Poll until a checkpoint of ``step`` or later is complete, or the process ends."""
+    from mmllm.training.trainer import latest_checkpoint
+
+    while proc.poll() is None:
+        latest = latest_checkpoint(out)
+        if latest is not None and int(latest.name.split("-")[1]) >= step:
+            return
+        time.sleep(0.01)
+
+
 def kill_resume(workdir: Path, kills: int = 5, steps: int = 30, save_every: int = 3, seed: int = 0,
                 in_save: int = 1, log=print) -> dict:
     """The whole check; returns a summary dict (``equal`` is the verdict). Raises on a broken checkpoint.
-    The last ``in_save`` kills are aimed at a checkpoint being written, the others at random moments."""
+    The first ``in_save`` kills are aimed at a checkpoint being written, the others at random moments."""
     import torch
 
     workdir = Path(workdir)
@@ -120,6 +132,12 @@ def kill_resume(workdir: Path, kills: int = 5, steps: int = 30, save_every: int 
     log(f"uninterrupted run: {time.monotonic() - t0:.1f} s ({train_s:.1f} s training)")
 
     out = workdir / "cut"
+    # The random kills land after a random checkpoint (sorted, so they spread over the run), a random
+    # time into the next save interval: anchored to progress, so a faster or slower machine still
+    # kills mid-run.
+    n_random = max(0, kills - in_save)
+    targets = sorted(save_every * rng.randint(1, max(1, steps // save_every - 2)) for _ in range(n_random))
+    interval = train_s * save_every / steps
     attempts, killed, resumes = [], 0, 0
     while True:
         done = check_checkpoints(out)
@@ -128,16 +146,17 @@ def kill_resume(workdir: Path, kills: int = 5, steps: int = 30, save_every: int 
         resumes += resume
         started.wait()
         if killed < kills:
-            # A random moment of what is left of the training phase (import time is not counted).
-            delay = rng.uniform(0.05, 0.9) * train_s * (steps - done) / steps
-            aimed = killed >= kills - in_save
+            aimed = killed < in_save  # these first, while there are saves to come
             t_start = time.monotonic()
             if aimed:
-                wait_for_save(proc, out, train_s)
+                wait_for_save(proc, out, 10 * train_s)
                 time.sleep(rng.uniform(0.0, 0.01))  # somewhere inside accelerate's save_state
-                delay = time.monotonic() - t_start
+            else:
+                wait_for_step(proc, out, targets[killed - in_save])
+                time.sleep(rng.uniform(0.0, interval / 2))
+            delay = time.monotonic() - t_start
             try:
-                proc.wait(timeout=0 if aimed else delay)
+                proc.wait(timeout=0)
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -177,7 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="optimiser steps of the run")
     p.add_argument("--save-every", type=int, default=3, help="checkpoint interval in steps (a divisor of --steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
-    p.add_argument("--in-save", type=int, default=1, help="how many of the kills (the last ones) hit a checkpoint write")
+    p.add_argument("--in-save", type=int, default=1, help="how many of the kills (the first ones) hit a checkpoint write")
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary directory)")
     args = p.parse_args(argv)
     if args.steps % args.save_every:
