@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from mmllm.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, load_audio, load_image, load_video
+from mmllm.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, check_media
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,7 @@ def check_upload(path: str | os.PathLike, limits: Limits, accepted: Sequence[str
         reads = ", ".join(accepted) if accepted else "text only"
         raise InputError(f"{path.name}: this model cannot read {modality}; it reads {reads}")
     try:
-        if modality == "image":
-            load_image(path)
-        elif modality == "audio":
-            load_audio(path, 16000)  # decode check only; the model resamples to its own rate
-        else:
-            load_video(path)
+        check_media(path, modality)
     except MediaError as err:
         raise InputError(f"{path.name}: not a readable {modality} file ({err})") from err
     return modality

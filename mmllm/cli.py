@@ -47,17 +47,12 @@ def _settings(args):
 def _check_attachment(model, modality: str, path: str) -> str:
     """Decode ``path`` as ``modality`` now, so a bad file is reported when it is attached."""
     from demo.chat import input_modalities
-    from mmllm.media import load_audio, load_image, load_video
+    from mmllm.media import check_media
 
     reads = input_modalities(model)
     if modality not in reads:
         raise UsageError(f"this model cannot read {modality}; it reads {', '.join(reads) or 'text only'}")
-    if modality == "image":
-        load_image(path)
-    elif modality == "audio":
-        load_audio(path, 16000)  # decode check only; the model resamples to its own rate
-    else:
-        load_video(path)
+    check_media(path, modality)
     return path
 
 

@@ -237,6 +237,25 @@ def _read_audio_file(path: Path) -> tuple[np.ndarray, int]:
     return data.reshape(-1, channels).T, rate
 
 
+# --------------------------------------------------------------------------- checks
+
+
+def check_media(x: Any, modality: str) -> None:
+    """Decode ``x`` once as ``modality``; raise ``MediaError`` if it cannot be used.
+
+    For up-front checks (CLI, demo uploads) before a model is asked to read the file; the
+    model later decodes again at its own sample rate.
+    """
+    if modality == "image":
+        load_image(x)
+    elif modality == "audio":
+        load_audio(x, 16000)
+    elif modality == "video":
+        load_video(x)
+    else:
+        raise MediaError(f"unknown modality {modality!r}; use image, audio or video")
+
+
 # --------------------------------------------------------------------------- video
 
 
