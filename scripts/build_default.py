@@ -4,6 +4,7 @@
     python scripts/build_default.py --device cuda      # the same on a GPU (untested here)
     python scripts/build_default.py --fast --root DIR  # a few steps of everything (tests, smoke runs)
     python scripts/build_default.py --force            # retrain both stages (components, data reused)
+    python scripts/build_default.py --threads 1        # on a CPU shared with other jobs
 
 Every step is cached (a second run rebuilds nothing) and an interrupted stage resumes from
 its last checkpoint. The result, <root>/model, is what mmllm.load() opens by default.
@@ -30,12 +31,19 @@ def main(argv=None) -> None:
     parser.add_argument("--fast", action="store_true", help="a few steps of everything (tests, smoke runs)")
     parser.add_argument("--force", action="store_true", help="retrain both stages")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads; 1 is up to 10x faster on a CPU shared with other jobs "
+                             "(OpenMP threads wait for each other), see docs/RESULTS.md")
     defaults = DefaultSettings()
     for name in TUNABLE:
         tp = float if "lr" in name else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=tp, default=None,
                             help=f"default {getattr(defaults, name)}")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = DefaultSettings.fast() if args.fast else DefaultSettings()
     for name in TUNABLE:
         value = getattr(args, name)

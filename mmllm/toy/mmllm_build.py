@@ -59,7 +59,7 @@ class DefaultSettings:
     stage1_steps: int = 48
     stage1_batch: int = 8
     stage1_lr: float = 1e-3
-    stage2_steps: int = 40
+    stage2_steps: int = 200
     stage2_batch: int = 4
     stage2_lr: float = 5e-4  # LoRA and signal rows
     stage2_projector_lr: float = 5e-4  # stage 1 is short, so the projectors keep learning
