@@ -7,6 +7,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import copy  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -25,6 +27,27 @@ def tiny():
     import mmllm
 
     return mmllm.load("tiny")
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    """A ``tiny`` model whose decoders are built once, for tests that train copies of it."""
+    import mmllm
+
+    model = mmllm.load("tiny")
+    for d in model.decoders.values():
+        d.encode_text(["warm up"])  # build the tiny pipelines once; copies share them
+    return model
+
+
+@pytest.fixture
+def fresh(base_model):
+    """``fresh(model)``: an independent copy of the model's modules; frozen decoders are shared."""
+
+    def copy_of(model=base_model):
+        return copy.deepcopy(model, memo={id(d): d for d in model.decoders.values()})
+
+    return copy_of
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,6 @@ The 5-kill version of the kill test is ``scripts/kill_resume_check.py`` (see doc
 
 from __future__ import annotations
 
-import copy
 import errno
 import hashlib
 import importlib.util
@@ -15,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import mmllm
 from mmllm.toy.world import write_dataset
 from mmllm.training import TrainConfig, TrainingModule, train
 from mmllm.training.trainer import latest_checkpoint
@@ -31,18 +29,6 @@ def _load_script():
 
 
 krc = _load_script()
-
-
-@pytest.fixture(scope="module")
-def base_model():
-    model = mmllm.load("tiny")
-    for d in model.decoders.values():
-        d.encode_text(["warm up"])  # build the tiny pipelines once; copies share them
-    return model
-
-
-def fresh(model):
-    return copy.deepcopy(model, memo={id(d): d for d in model.decoders.values()})
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +66,7 @@ def test_sigkill_and_resume_gives_the_same_weights(tmp_path):
 
 
 def test_full_disk_while_checkpointing_says_the_fix_and_keeps_the_last_checkpoint(base_model, data, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, fresh):
     from accelerate import Accelerator
 
     real_save = Accelerator.save_state
@@ -119,7 +105,7 @@ def test_full_disk_while_checkpointing_says_the_fix_and_keeps_the_last_checkpoin
     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 21474836480 bytes. "
                  "Error code 12 (Cannot allocate memory)"),
 ], ids=["cuda", "cpu"])
-def test_out_of_memory_says_the_fix_and_keeps_the_last_checkpoint(base_model, data, tmp_path, monkeypatch, error):
+def test_out_of_memory_says_the_fix_and_keeps_the_last_checkpoint(base_model, data, tmp_path, monkeypatch, error, fresh):
     real_forward = TrainingModule.forward
     calls = []
 
@@ -141,7 +127,7 @@ def test_out_of_memory_says_the_fix_and_keeps_the_last_checkpoint(base_model, da
     assert krc.check_checkpoints(out) == 2
 
 
-def test_other_runtime_errors_pass_through_unchanged(base_model, data, tmp_path, monkeypatch):
+def test_other_runtime_errors_pass_through_unchanged(base_model, data, tmp_path, monkeypatch, fresh):
     error = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     monkeypatch.setattr(TrainingModule, "forward", lambda self, *a, **k: (_ for _ in ()).throw(error))
     with pytest.raises(RuntimeError) as info:
@@ -152,7 +138,7 @@ def test_other_runtime_errors_pass_through_unchanged(base_model, data, tmp_path,
 # --------------------------------------------------------------------------- killed while deleting
 
 
-def test_kill_while_deleting_an_old_checkpoint_leaves_no_partial_step_dir(base_model, data, tmp_path, monkeypatch):
+def test_kill_while_deleting_an_old_checkpoint_leaves_no_partial_step_dir(base_model, data, tmp_path, monkeypatch, fresh):
     """keep_checkpoints=1 deletes step-1 when step-2 is saved; a crash half-way through that delete
     must not leave a ``step-*`` dir with files missing (``latest_checkpoint`` would trust it)."""
     import shutil

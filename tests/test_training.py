@@ -29,19 +29,6 @@ LLAMA2_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def base_model():
-    model = mmllm.load("tiny")
-    for d in model.decoders.values():
-        d.encode_text(["warm up"])  # build the tiny pipelines once; copies share them
-    return model
-
-
-def fresh(model):
-    """An independent copy of the model's modules; the frozen decoders are shared."""
-    return copy.deepcopy(model, memo={id(d): d for d in model.decoders.values()})
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory, base_model):
     root = tmp_path_factory.mktemp("toy")
     paths = write_dataset(root, n=4, size=16, seconds=0.5, frames=4, n_dialogues=4)
@@ -96,7 +83,7 @@ def batch_loss(model, cfg: TrainConfig, feature_cache=None):
 # --------------------------------------------------------------------------- freezing
 
 
-def test_set_trainable_each_stage(base_model):
+def test_set_trainable_each_stage(base_model, fresh):
     model = fresh(base_model)
     emb, head = model.llm.get_input_embeddings(), model.llm.get_output_embeddings()
     for stage, expect in (("stage1_enc", {"input_projectors"}), ("stage1_dec", {"output_projectors", "new_rows"}),
@@ -195,7 +182,7 @@ def test_streaming_json_array(tmp_path):
     assert got == items
 
 
-def test_feature_cache_matches_live_encoders(base_model, data, tmp_path):
+def test_feature_cache_matches_live_encoders(base_model, data, tmp_path, fresh):
     model = fresh(base_model)
     cfg = TrainConfig(captions=data["captions"], generation=data["generation"], conversations=data["conversations"])
     stream = StreamingData(sources_from(cfg.captions, cfg.generation, cfg.conversations),
@@ -220,7 +207,7 @@ def test_feature_cache_matches_live_encoders(base_model, data, tmp_path):
 # --------------------------------------------------------------------------- stages
 
 
-def test_stage1_lowers_loss_and_trains_only_projectors_and_signal_rows(base_model, data, tmp_path):
+def test_stage1_lowers_loss_and_trains_only_projectors_and_signal_rows(base_model, data, tmp_path, fresh):
     model = fresh(base_model)
     cfg = TrainConfig(stage="stage1", out=str(tmp_path / "s1"), captions=data["captions"],
                       generation=data["generation"], steps=20, batch_size=8, lr=1e-2, warmup_ratio=0.0,
@@ -241,7 +228,7 @@ def test_stage1_lowers_loss_and_trains_only_projectors_and_signal_rows(base_mode
         assert torch.equal(loaded.trainable_state_dict()[k], v), k
 
 
-def test_stage2_from_stage1_output(base_model, data, tmp_path):
+def test_stage2_from_stage1_output(base_model, data, tmp_path, fresh):
     s1 = fresh(base_model)
     s1.save_pretrained(tmp_path / "s1" / "model")
     model = mmllm.load(str(tmp_path / "s1" / "model"))
@@ -266,7 +253,7 @@ def test_stage2_from_stage1_output(base_model, data, tmp_path):
     assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6)
 
 
-def test_resume_is_exact(base_model, data, tmp_path):
+def test_resume_is_exact(base_model, data, tmp_path, fresh):
     def config(out, **kw):
         return TrainConfig(stage="stage1", out=str(out), captions=data["captions"], generation=data["generation"],
                            steps=6, batch_size=3, grad_accum=2, lr=5e-3, shuffle_buffer=5, save_every=3,
@@ -295,7 +282,7 @@ def test_resume_is_exact(base_model, data, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-7), k
 
 
-def test_nan_loss_skip_and_stop(base_model, data, tmp_path):
+def test_nan_loss_skip_and_stop(base_model, data, tmp_path, fresh):
     model = fresh(base_model)
     before = snapshot(model)
     cfg = TrainConfig(stage="stage1_enc", out=str(tmp_path / "nan"), captions=data["captions"], steps=2,
