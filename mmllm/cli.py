@@ -28,8 +28,8 @@ class UsageError(ValueError):
 def _load(name: str | None):
     import mmllm
 
-    shown = name or mmllm.api.DEFAULT_MODEL
-    print(f"Loading model {shown!r}…", file=sys.stderr, flush=True)
+    name = name or mmllm.api.default_model_name()  # the built toy model, else smollm2 (with a hint)
+    print(f"Loading model {name!r}…", file=sys.stderr, flush=True)
     start = time.perf_counter()
     model = mmllm.load(name)
     print(f"Model ready ({time.perf_counter() - start:.1f} s).", file=sys.stderr, flush=True)
