@@ -26,9 +26,9 @@ def main(argv=None) -> None:
     parser.add_argument("--split", choices=("train", "test", "both"), default="both",
                         help="train: held-in attribute pairs; test: held-out pairs")
     parser.add_argument("--n", type=int, default=24, help="items per modality and split (understanding)")
-    parser.add_argument("--gen-n", type=int, default=None, help="generation requests per modality and split (default --n)")
-    parser.add_argument("--tasks", nargs="+", choices=("understanding", "generation"),
-                        default=["understanding", "generation"])
+    parser.add_argument("--gen-n", type=int, default=None, help="generation requests per modality and split, and dialogues per split (default --n)")
+    parser.add_argument("--tasks", nargs="+", choices=("understanding", "generation", "dialogue"),
+                        default=["understanding", "generation", "dialogue"])
     parser.add_argument("--modalities", nargs="+", choices=("image", "audio", "video"),
                         default=["image", "audio", "video"])
     parser.add_argument("--batch", type=int, default=16, help="requests decoded together")

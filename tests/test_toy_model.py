@@ -175,3 +175,51 @@ def test_default_is_the_toy_model_when_built(monkeypatch, tmp_path, built):
     monkeypatch.setattr(api.MMLLM, "from_pretrained", classmethod(lambda cls, p, **kw: loaded.append(str(p)) or "m"))
     assert api.load() == "m" and api.load("toy") == "m"
     assert loaded == [str(cache_toy / "model")] * 2
+
+
+class DialogueReplayModel:
+    """Answers each turn of known dialogues with the reference reply (rendering the reference
+    output spec for media turns), or, when ``wrong``, always "a green square" with no media."""
+
+    output_modalities = ("image", "audio", "video")
+
+    def __init__(self, dialogues, wrong=False):
+        self.wrong = wrong
+        self.replies = {}
+        for d in dialogues:
+            outs = {o["turn"]: o for o in d.get("outputs", [])}
+            conv = d["conversations"]
+            for i in range(0, len(conv) - 1, 2):
+                self.replies[(d["id"], i)] = (conv[i + 1]["value"], outs.get(i + 1))
+        self.ids = [d["id"] for d in dialogues]
+        self.calls = 0
+
+    def generate_batch(self, requests, **kwargs):
+        (req,) = requests
+        turn = len(req.get("history", []))  # 0, 2, 4 ...: the human turn's index
+        if turn == 0:
+            self.current = self.ids[self.calls]
+            self.calls += 1
+        text, out = self.replies[(self.current, turn)]
+        if self.wrong:
+            return [GenerateResult(text="a green square")]
+        res = GenerateResult(text=text.replace(f"<gen:{out['modality']}>", "") if out else text)
+        if out:
+            spec = world.spec_from_dict(out["spec"])
+            if out["modality"] == "image":
+                res.images.append(ImageOutput(_pil(world.render_image(spec))))
+            elif out["modality"] == "audio":
+                res.audio.append(AudioOutput(world.render_audio(spec), 16000))
+            else:
+                res.videos.append(VideoOutput(world.render_video(spec, 32, 4), 4))
+        return [res]
+
+
+def test_dialogue_metric_replays_turns_with_history():
+    from mmllm.toy.evaluate import evaluate_dialogues
+
+    dialogues = world.make_dialogues(6, "test", 0)
+    good = evaluate_dialogues(DialogueReplayModel(dialogues), "test", 6, seed=0)
+    assert good["success"] == 1.0 and good["turns"] == 1.0
+    bad = evaluate_dialogues(DialogueReplayModel(dialogues, wrong=True), "test", 6, seed=0)
+    assert bad["success"] < 0.5 and bad["turns"] < 0.5

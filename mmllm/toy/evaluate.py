@@ -14,6 +14,9 @@ the produced image / audio / video is read back with ``analyse_image`` /
 share of requests that gave media of the requested modality at all (a missing one
 scores wrong on every attribute).
 
+Dialogue (any-to-any, multi-turn): ``world.make_dialogues`` replayed with the model's own
+replies as history; ``success`` is the share of dialogues with every turn right.
+
 Both on held-in (``train``: attribute pairs seen in training, fresh renderings) and
 held-out (``test``: attribute pairs never seen together) specs. The chance column is a
 uniform guess, ``1 / number of values``, which is its expected accuracy on any split.
@@ -127,6 +130,55 @@ def evaluate_generation(model, modality: str, split: str, n: int, seed: int = 0,
     return out
 
 
+def evaluate_dialogues(model, split: str, n: int, seed: int = 0, max_new_tokens: int = 40,
+                       keep_examples: int = 2, **decoder_kwargs) -> dict:
+    """Multi-turn any-to-any dialogues (``world.make_dialogues``), replayed turn by turn with
+    the model's own replies as history.
+
+    A text turn is right when every attribute the reference reply names (read with
+    ``analyse_text``) is named the same way in the model's reply; a turn that should produce
+    media is right when media of that modality came out and the oracle reads every attribute
+    of the requested spec. ``success`` is the share of dialogues with every turn right;
+    ``turns`` the share of turns right.
+    """
+    rng = _rng(seed, "dialogue", split)
+    dialogues = world.make_dialogues(n, split, seed)
+    successes, turns_ok, examples = [], [], []
+    for d in dialogues:
+        in_mod = next((m for m in world.MODALITIES if m in d), None)
+        media = render_input(world.spec_from_dict(d[in_mod]), rng) if in_mod else None
+        outputs = {o["turn"]: o for o in d.get("outputs", [])}
+        conv, history, all_ok = d["conversations"], [], True
+        for i in range(0, len(conv) - 1, 2):
+            prompt, reference = conv[i]["value"], conv[i + 1]["value"]
+            request = {"prompt": prompt, "history": list(history)}
+            if i == 0 and in_mod:
+                request[in_mod] = media
+            reply = model.generate_batch([request], max_new_tokens=max_new_tokens, temperature=0.0,
+                                         **decoder_kwargs)[0]
+            if i + 1 in outputs:
+                out = outputs[i + 1]
+                items = getattr(reply, RESULT_FIELD[out["modality"]])
+                ok = bool(items) and oracle.score(read_output(out["modality"], items[0]),
+                                                  world.spec_from_dict(out["spec"]))["all"] == 1.0
+            else:
+                mod = in_mod or "image"
+                wanted = {k: v for k, v in oracle.analyse_text(reference, mod).items() if v is not None}
+                got = oracle.analyse_text(reply.text, mod)
+                ok = all(got.get(k) == v for k, v in wanted.items())
+            turns_ok.append(float(ok))
+            all_ok = all_ok and ok
+            user = {"role": "user", "content": prompt}
+            if i == 0 and in_mod:
+                user[in_mod] = [media]
+            history += [user, {"role": "assistant", "content": reply.text}]
+            if len(examples) < keep_examples:
+                examples.append({"id": d["id"], "prompt": prompt, "reference": reference, "reply": reply.text,
+                                 "right": ok})
+        successes.append(float(all_ok))
+    return {"success": _mean(successes), "turns": _mean(turns_ok), "examples": examples}
+
+
 def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_n: Optional[int] = None,
              seed: int = 0, tasks: Sequence[str] = ("understanding", "generation"),
              modalities: Sequence[str] = world.MODALITIES, batch: int = 16,
@@ -145,8 +197,12 @@ def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_
                     if m in getattr(model, "output_modalities", world.MODALITIES):
                         report[split][task][m] = evaluate_generation(model, m, split, gen_n or n, seed,
                                                                      max(1, batch // 2), **decoder_kwargs)
+                elif task == "dialogue":
+                    if m == modalities[0]:  # dialogues mix modalities: one block, filed under "any"
+                        report[split][task]["any"] = evaluate_dialogues(model, split, gen_n or n, seed,
+                                                                        **decoder_kwargs)
                 else:
-                    raise ValueError(f"unknown task {task!r}; use 'understanding' and/or 'generation'")
+                    raise ValueError(f"unknown task {task!r}; use 'understanding', 'generation' and/or 'dialogue'")
     return report
 
 
@@ -167,6 +223,12 @@ def table(report: dict) -> str:
 
     for task in first:
         for m in first[task]:
+            if task == "dialogue":
+                for a in ("success", "turns"):
+                    lines.append("| " + " | ".join([f"dialogue ({a})", "any-to-any", "all turns right" if a ==
+                                                   "success" else "turn accuracy",
+                                                   *(cell(s, task, m, None, a) for s in splits), "-"]) + " |")
+                continue
             attrs = list(world.attribute_values(m))
             keyed = [("caption", a) for a in (*attrs, "all")] + [("qa", a) for a in attrs] \
                 if task == "understanding" else [(None, a) for a in ("produced", *attrs, "all")]
@@ -179,4 +241,5 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["chance", "evaluate", "evaluate_generation", "evaluate_understanding", "read_output", "table"]
+__all__ = ["chance", "evaluate", "evaluate_dialogues", "evaluate_generation", "evaluate_understanding", "read_output",
+           "table"]
