@@ -4,7 +4,6 @@ metric of scripts/evaluate.py on scripted models, and the default-model selectio
 import json
 import logging
 
-import numpy as np
 import pytest
 
 import mmllm  # noqa: F401  (import order: mmllm before pipelines)
