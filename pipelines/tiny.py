@@ -81,6 +81,12 @@ def _scheduler():
     )
 
 
+def _tiny_unet_kwargs(text_width: int) -> dict:
+    """What the tiny image and video UNets share: 16x16x4 latents, two levels of 16/32 channels."""
+    return dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                norm_num_groups=8, cross_attention_dim=text_width, attention_head_dim=4)
+
+
 def tiny_stable_diffusion(text_width: int = 32, seed: int = 0, max_length: int = 77):
     """A ``StableDiffusionPipeline`` with conditioning (max_length, text_width); renders 32x32 fast."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -89,25 +95,16 @@ def tiny_stable_diffusion(text_width: int = 32, seed: int = 0, max_length: int =
     tokenizer = tiny_clip_tokenizer(max_length)
     text_encoder = _tiny_clip_text_encoder(tokenizer, text_width)
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=text_width,
-        attention_head_dim=4,
+        **_tiny_unet_kwargs(text_width),
     ).eval()
-    vae = _tiny_vae((8, 16))
-    scheduler = _scheduler()
     return StableDiffusionPipeline(
-        vae=vae,
+        vae=_tiny_vae((8, 16)),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -122,21 +119,12 @@ def tiny_text_to_video(text_width: int = 32, seed: int = 0, max_length: int = 77
     tokenizer = tiny_clip_tokenizer(max_length)
     text_encoder = _tiny_clip_text_encoder(tokenizer, text_width)
     unet = UNet3DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=text_width,
-        attention_head_dim=4,
+        **_tiny_unet_kwargs(text_width),
     ).eval()
-    vae = _tiny_vae((8, 16))
-    scheduler = _scheduler()
     return TextToVideoSDPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+        vae=_tiny_vae((8, 16)), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler()
     )
 
 
