@@ -50,6 +50,25 @@ def fresh(base_model):
     return copy_of
 
 
+@pytest.fixture
+def force_first_signal():
+    """``force_first_signal(model, modality)``: a logits processor that forces only the first
+    signal token of ``modality`` at step 0, leaving the rest to the model's own completion."""
+
+    def make(model, modality):
+        first = model.signal_groups[modality][0]
+
+        def proc(input_ids, scores):
+            if input_ids.shape[1] == 0:
+                scores = torch.full_like(scores, torch.finfo(scores.dtype).min)
+                scores[:, first] = 0.0
+            return scores
+
+        return proc
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

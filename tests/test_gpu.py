@@ -33,16 +33,9 @@ def test_padded_batch_matches_alone_on_cuda(gpu_tiny):
             assert torch.allclose(both[i, -one.shape[1]:], one[0], atol=3e-2, rtol=3e-2)
 
 
-def test_forced_image_signal_renders_on_cuda(gpu_tiny):
-    first = gpu_tiny.signal_groups["image"][0]
-
-    def force_first(input_ids, scores):
-        if input_ids.shape[1] == 0:
-            scores = torch.full_like(scores, torch.finfo(scores.dtype).min)
-            scores[:, first] = 0.0
-        return scores
-
-    res = gpu_tiny.generate("draw", max_new_tokens=8, logits_processor=[force_first], num_inference_steps=2)
+def test_forced_image_signal_renders_on_cuda(gpu_tiny, force_first_signal):
+    res = gpu_tiny.generate("draw", max_new_tokens=8, logits_processor=[force_first_signal(gpu_tiny, "image")],
+                            num_inference_steps=2)
     assert res.token_ids[:4] == gpu_tiny.signal_groups["image"] and len(res.images) == 1
 
 

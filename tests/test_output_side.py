@@ -27,19 +27,6 @@ def prefer(model, token_id, bonus=60.0):
             head.new_rows[slot] -= bonus * hidden_dir / hidden_dir.norm()
 
 
-def _force_first(model, modality):
-    """A logits processor that forces only the first signal token at step 0."""
-    first = model.signal_groups[modality][0]
-
-    def proc(input_ids, scores):
-        if input_ids.shape[1] == 0:
-            scores = torch.full_like(scores, torch.finfo(scores.dtype).min)
-            scores[:, first] = 0.0
-        return scores
-
-    return proc
-
-
 def test_signal_tokens_follow_config(tiny):
     counts = {m: len(ids) for m, ids in tiny.signal_groups.items()}
     assert counts == {"image": 4, "audio": 8, "video": 24}  # NExT-GPT's defaults
@@ -51,9 +38,9 @@ def test_signal_tokens_follow_config(tiny):
 
 @pytest.mark.parametrize("modality,field,kind", [("image", "images", ImageOutput), ("audio", "audio", AudioOutput),
                                                   ("video", "videos", VideoOutput)])
-def test_forced_partial_signal_completes_and_renders(tiny, modality, field, kind):
+def test_forced_partial_signal_completes_and_renders(tiny, modality, field, kind, force_first_signal):
     # Only the FIRST signal token is forced; the rest must be completed by ForceSignalTokens.
-    result = tiny.generate("make something", max_new_tokens=30, logits_processor=[_force_first(tiny, modality)],
+    result = tiny.generate("make something", max_new_tokens=30, logits_processor=[force_first_signal(tiny, modality)],
                            num_inference_steps=2, audio_length_in_s=0.25, num_frames=3)
     ids = result.token_ids
     group = tiny.signal_groups[modality]

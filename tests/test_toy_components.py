@@ -130,22 +130,15 @@ def test_spectrogram_round_trip_keeps_pitch_and_count():
     assert torch.equal(back, mel.to_waveform(images, num_samples=16000))  # deterministic (no random phase)
 
 
-def test_toy_config_builds_a_model_that_draws(root):
+def test_toy_config_builds_a_model_that_draws(root, force_first_signal):
     from mmllm import MMLLM
 
     tiny_llm = MMLLMConfig.from_preset("tiny").llm.to_dict()
     config = toy_config(root, llm=tiny_llm)  # the real toy preset uses SmolLM2 (too slow for this test)
     assert toy_config(root).llm.source == "smollm2"
     model = MMLLM.from_config(config)
-    first = model.signal_groups["image"][0]
-
-    def force_first(input_ids, scores):
-        if input_ids.shape[1] == 0:
-            scores = torch.full_like(scores, torch.finfo(scores.dtype).min)
-            scores[:, first] = 0.0
-        return scores
-
-    result = model.generate("draw a red circle", max_new_tokens=8, logits_processor=[force_first],
+    result = model.generate("draw a red circle", max_new_tokens=8,
+                            logits_processor=[force_first_signal(model, "image")],
                             num_inference_steps=2)
     assert result.token_ids[:4] == model.signal_groups["image"]
     assert result.images and result.images[0].image.size == (32, 32)
