@@ -8,18 +8,31 @@ from pathlib import Path
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from .chat import (SUFFIXES, Limits, Settings, input_modalities, output_modalities, respond, retry, to_messages,
-                   undo)
+from .chat import (SUFFIXES, Limits, Settings, decoder_settings, input_modalities, output_modalities, respond,
+                   retry, to_messages, undo)
 from .examples import example_messages, write_example_media
 
 DEFAULTS = Settings()
 
 
-def _settings(max_new_tokens, temperature, top_p, seed, guidance_scale, num_inference_steps, num_frames,
-              audio_length_in_s) -> Settings:
-    seed = None if seed is None or seed < 0 else int(seed)
-    return Settings(int(max_new_tokens), float(temperature), float(top_p), seed, float(guidance_scale),
-                    int(num_inference_steps), int(num_frames), float(audio_length_in_s))
+def _settings_reader(shown: dict):
+    """Slider values -> ``Settings``. A decoder slider still at the value it was shown with
+    is passed as None, so every decoder keeps its own setting (they can differ by modality)."""
+
+    def read(max_new_tokens, temperature, top_p, seed, guidance_scale, num_inference_steps, num_frames,
+             audio_length_in_s) -> Settings:
+        seed = None if seed is None or seed < 0 else int(seed)
+
+        def changed(key, value, kind):
+            return None if value is None or value == shown[key] else kind(value)
+
+        return Settings(int(max_new_tokens), float(temperature), float(top_p), seed,
+                        changed("guidance_scale", guidance_scale, float),
+                        changed("num_inference_steps", num_inference_steps, int),
+                        changed("num_frames", num_frames, int),
+                        changed("audio_length_in_s", audio_length_in_s, float))
+
+    return read
 
 
 def _describe(model_name: str, reads, writes) -> str:
@@ -30,11 +43,13 @@ def _describe(model_name: str, reads, writes) -> str:
 
 
 def build_demo(model, *, model_name: str = "model", max_upload_mb: float = 20.0, concurrency: int = 1,
-               max_queue: int = 16, workdir: str | Path | None = None) -> gr.Blocks:
+               max_queue: int = 16, workdir: str | Path | None = None, sampling: Settings | None = None
+               ) -> gr.Blocks:
     """The chat page for ``model`` (anything with ``mmllm``'s ``generate`` interface).
 
     ``workdir`` holds the example media and generated outputs (a new temp dir if None);
-    uploads must come from there or from Gradio's upload folder. At most ``concurrency``
+    uploads must come from there or from Gradio's upload folder. ``sampling`` sets the
+    panel's starting max new tokens, temperature, top-p and seed. At most ``concurrency``
     requests run at once and ``max_queue`` wait; beyond that Gradio answers that the queue is full.
     """
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mmllm-demo-"))
@@ -43,6 +58,9 @@ def build_demo(model, *, model_name: str = "model", max_upload_mb: float = 20.0,
     limits = Limits(max_upload_mb=max_upload_mb, roots=(str(workdir), get_upload_folder()))
     examples = example_messages(write_example_media(workdir / "examples"), reads)
     suffixes = sorted({s for m, group in SUFFIXES if m in reads for s in group})
+    shown = decoder_settings(model)
+    start = sampling or DEFAULTS
+    _settings = _settings_reader(shown)
 
     with gr.Blocks(title=f"mmllm · {model_name}", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(_describe(model_name, reads, writes))
@@ -63,15 +81,15 @@ def build_demo(model, *, model_name: str = "model", max_upload_mb: float = 20.0,
                 cam_video = gr.Video(sources=["webcam"], label="Clip", visible="video" in reads)
         with gr.Accordion("Settings", open=False):
             with gr.Row():
-                max_new_tokens = gr.Slider(1, 1024, DEFAULTS.max_new_tokens, step=1, label="Max new tokens")
-                temperature = gr.Slider(0.0, 2.0, DEFAULTS.temperature, step=0.05, label="Temperature (0: greedy)")
-                top_p = gr.Slider(0.05, 1.0, DEFAULTS.top_p, step=0.05, label="Top-p")
-                seed = gr.Number(-1, precision=0, label="Seed (-1: random)")
+                max_new_tokens = gr.Slider(1, 1024, start.max_new_tokens, step=1, label="Max new tokens")
+                temperature = gr.Slider(0.0, 2.0, start.temperature, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1.0, start.top_p, step=0.05, label="Top-p")
+                seed = gr.Number(-1 if start.seed is None else start.seed, precision=0, label="Seed (-1: random)")
             with gr.Row(visible=bool(writes)):
-                guidance = gr.Slider(1.0, 15.0, DEFAULTS.guidance_scale, step=0.5, label="Guidance")
-                steps = gr.Slider(1, 100, DEFAULTS.num_inference_steps, step=1, label="Steps")
-                frames = gr.Slider(2, 64, DEFAULTS.num_frames, step=1, label="Frames", visible="video" in writes)
-                audio_len = gr.Slider(1.0, 20.0, DEFAULTS.audio_length_in_s, step=0.5, label="Audio length (s)",
+                guidance = gr.Slider(1.0, 15.0, shown["guidance_scale"], step=0.5, label="Guidance")
+                steps = gr.Slider(1, 100, shown["num_inference_steps"], step=1, label="Steps")
+                frames = gr.Slider(2, 64, shown["num_frames"], step=1, label="Frames", visible="video" in writes)
+                audio_len = gr.Slider(0.5, 20.0, shown["audio_length_in_s"], step=0.5, label="Audio length (s)",
                                       visible="audio" in writes)
         gr.Examples(examples=examples, inputs=[box], label="Examples from the toy world")
         settings = [max_new_tokens, temperature, top_p, seed, guidance, steps, frames, audio_len]

@@ -31,31 +31,54 @@ class InputError(ValueError):
 
 @dataclass
 class Settings:
-    """Sampling settings for the LLM and, for models with an output side, decoder settings."""
+    """Sampling settings for the LLM and, for models with an output side, decoder settings.
+
+    A decoder setting left at None is not passed, so each decoder uses its own configured
+    value (``DecoderConfig.options``, e.g. the toy decoders' 4 frames and guidance 3).
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int | None = None  # None: a fresh random draw each turn
-    guidance_scale: float = 7.5
-    num_inference_steps: int = 25
-    num_frames: int = 16
-    audio_length_in_s: float = 5.0
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
+    num_frames: int | None = None
+    audio_length_in_s: float | None = None
 
     def generate_kwargs(self, output_modalities: Sequence[str] = ()) -> dict:
         """Keywords for ``model.generate``. Decoder settings go only to models that have
-        decoders (a text-only LLM's ``generate`` would reject them), and each only where
-        its modality can be produced."""
+        decoders (a text-only LLM's ``generate`` would reject them), each only where its
+        modality can be produced and only when set."""
         kwargs: dict[str, Any] = dict(max_new_tokens=int(self.max_new_tokens), temperature=float(self.temperature),
                                       top_p=float(self.top_p), seed=self.seed)
+        wanted = {}
         if output_modalities:
-            kwargs.update(guidance_scale=float(self.guidance_scale),
-                          num_inference_steps=int(self.num_inference_steps))
+            wanted.update(guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps)
         if "video" in output_modalities:
-            kwargs["num_frames"] = int(self.num_frames)
+            wanted["num_frames"] = self.num_frames
         if "audio" in output_modalities:
-            kwargs["audio_length_in_s"] = float(self.audio_length_in_s)
+            wanted["audio_length_in_s"] = self.audio_length_in_s
+        kwargs.update({k: v for k, v in wanted.items() if v is not None})
         return kwargs
+
+
+# Shown in the settings panel when the model's decoders do not say (e.g. a pipeline default).
+FALLBACK_DECODER_SETTINGS = {"guidance_scale": 7.5, "num_inference_steps": 25, "num_frames": 16,
+                             "audio_length_in_s": 5.0}
+
+
+def decoder_settings(model) -> dict[str, Any]:
+    """The decoder settings a model uses when none are passed, for a settings panel to
+    start from: for each key, the first of its decoders that sets it (else the fallback)."""
+    decoders = getattr(model, "decoders", None) or {}
+    found: dict[str, Any] = {}
+    for m in output_modalities(model):
+        options = getattr(decoders.get(m), "options", None) or {}
+        for key in FALLBACK_DECODER_SETTINGS:
+            if key not in found and options.get(key) is not None:
+                found[key] = options[key]
+    return {**FALLBACK_DECODER_SETTINGS, **found}
 
 
 @dataclass

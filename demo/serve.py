@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=1, help="requests generated at the same time")
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests allowed to wait; past that the page says the queue is full")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="the settings panel's starting temperature (0: greedy; default 0.7)")
+    parser.add_argument("--seed", type=int, default=None, help="the settings panel's starting seed (default: random)")
     return parser
 
 
@@ -37,9 +40,14 @@ def serve(args: argparse.Namespace) -> int:
         model = mmllm.load(name)
         print(f"Loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         from .app import build_demo
+        from .chat import Settings
 
+        sampling = Settings()
+        if args.temperature is not None:
+            sampling.temperature = args.temperature
+        sampling.seed = args.seed
         app = build_demo(model, model_name=name, max_upload_mb=args.max_upload_mb, concurrency=args.concurrency,
-                         max_queue=args.max_queue, workdir=root)
+                         max_queue=args.max_queue, workdir=root, sampling=sampling)
         app.launch(server_name=args.host, server_port=args.port, share=args.share,
                    max_file_size=f"{int(args.max_upload_mb * 1e6)}b", allowed_paths=[root], show_error=False)
     return 0

@@ -177,10 +177,12 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
     g = p.add_argument_group("decoders (models with an output side)")
-    g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance")
-    g.add_argument("--steps", type=int, default=25, help="diffusion steps")
-    g.add_argument("--num-frames", type=int, default=16, help="video frames")
-    g.add_argument("--audio-length", type=float, default=5.0, help="audio length in seconds")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: each decoder's own setting)")
+    g.add_argument("--steps", type=int, default=None, help="diffusion steps (default: each decoder's own)")
+    g.add_argument("--num-frames", type=int, default=None, help="video frames (default: the video decoder's own)")
+    g.add_argument("--audio-length", type=float, default=None,
+                   help="audio length in seconds (default: the audio decoder's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:

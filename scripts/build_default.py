@@ -2,7 +2,8 @@
 
     python scripts/build_default.py                    # everything missing, under ~/.cache/mmllm/toy
     python scripts/build_default.py --device cuda      # the same on a GPU (untested here)
-    python scripts/build_default.py --fast --root DIR  # a few steps of everything (tests, smoke runs)
+    python scripts/build_default.py --fast --root DIR  # 2 steps of everything, tiny data (tests)
+    python scripts/build_default.py --smoke --root DIR # every loss falls, in about a minute (checks an install)
     python scripts/build_default.py --force            # retrain both stages (components, data reused)
     python scripts/build_default.py --threads 1        # on a CPU shared with other jobs
 
@@ -17,7 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
-from mmllm.toy.components import default_root
+from mmllm.toy.components import BuildSettings, default_root
 from mmllm.toy.mmllm_build import DefaultSettings, build_default
 
 TUNABLE = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps", "stage2_batch",
@@ -28,7 +29,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=None, help=f"output directory (default {default_root()})")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
-    parser.add_argument("--fast", action="store_true", help="a few steps of everything (tests, smoke runs)")
+    parser.add_argument("--fast", action="store_true", help="2 steps of everything, tiny data (tests)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="enough steps of everything for each loss to fall, in about a minute")
     parser.add_argument("--force", action="store_true", help="retrain both stages")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument("--threads", type=int, default=None,
@@ -44,14 +47,17 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = DefaultSettings.fast() if args.fast else DefaultSettings()
+    if args.fast and args.smoke:
+        parser.error("--fast and --smoke are alternatives; pick one")
+    settings = DefaultSettings.fast() if args.fast else DefaultSettings.smoke() if args.smoke else DefaultSettings()
     for name in TUNABLE:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
     start = time.time()
     path = build_default(args.root, device=args.device, fast=args.fast, settings=settings,
-                         progress=not args.no_progress, force=args.force)
+                         progress=not args.no_progress, force=args.force,
+                         component_settings=BuildSettings.smoke() if args.smoke else None)
     print(f"built {path} in {time.time() - start:.0f} s")
 
 

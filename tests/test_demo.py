@@ -156,6 +156,30 @@ def test_decoder_settings_only_for_models_with_outputs():
     assert (call["guidance_scale"], call["num_frames"], call["audio_length_in_s"], call["seed"]) == (3.0, 5, 2.0, 4)
 
 
+def test_decoder_settings_default_to_each_decoders_own():
+    from types import SimpleNamespace
+
+    from demo.app import _settings_reader
+    from demo.chat import FALLBACK_DECODER_SETTINGS, decoder_settings
+
+    # Unset decoder settings are not passed: every decoder keeps its configured value.
+    assert "guidance_scale" not in Settings().generate_kwargs(("image", "video"))
+    model = SimpleNamespace(output_modalities=("image", "video"), decoders={
+        "image": SimpleNamespace(options={"guidance_scale": 3.0, "num_inference_steps": 20}),
+        "video": SimpleNamespace(options={"guidance_scale": 9.0, "num_frames": 4})})
+    shown = decoder_settings(model)
+    assert shown == {**FALLBACK_DECODER_SETTINGS, "guidance_scale": 3.0, "num_inference_steps": 20, "num_frames": 4}
+    assert decoder_settings(EchoModel()) == FALLBACK_DECODER_SETTINGS  # no decoders: the fallbacks
+    read = _settings_reader(shown)
+    untouched = read(64, 0.0, 1.0, -1, 3.0, 20, 4, 5.0)
+    assert untouched.generate_kwargs(("image", "video", "audio")) == {
+        "max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": None}
+    moved = read(64, 0.0, 1.0, 7, 5.0, 20, 8, 5.0)
+    kwargs = moved.generate_kwargs(("image", "video"))
+    assert (kwargs["guidance_scale"], kwargs["num_frames"], kwargs["seed"]) == (5.0, 8, 7)
+    assert "num_inference_steps" not in kwargs
+
+
 def test_retry_and_undo(media, tmp_path):
     model = EchoModel()
     _, turns = run(model, {"text": "Describe this image.", "files": [str(media["image"])]})

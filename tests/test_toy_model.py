@@ -222,3 +222,29 @@ def test_dialogue_metric_replays_turns_with_history():
     assert good["success"] == 1.0 and good["turns"] == 1.0
     bad = evaluate_dialogues(DialogueReplayModel(dialogues, wrong=True), "test", 6, seed=0)
     assert bad["success"] < 0.5 and bad["turns"] < 0.5
+
+
+# --------------------------------------------------------------------------- the whole chain, for real
+
+
+def test_whole_chain_smoke_every_loss_falls(tmp_path):
+    """Every toy component and both MMLLM stages (the real SmolLM2, the real training code)
+    train for a few steps, and each one's loss falls; the result loads and answers."""
+    from mmllm.toy.components import COMPONENTS, BuildSettings, component_info
+
+    path = build_default(tmp_path, settings=DefaultSettings.smoke(), component_settings=BuildSettings.smoke(),
+                         progress=False, log=lambda _: None)
+    for name, info in component_info(tmp_path).items():
+        assert info["steps"] == 30, name
+        assert info["final_loss"] < info["first_loss"], (name, info["first_loss"], info["final_loss"])
+    assert set(component_info(tmp_path)) == set(COMPONENTS)
+    build = json.loads((path / BUILD_INFO).read_text())
+    for stage in ("stage1_run", "stage2_run"):
+        run = build[stage]
+        assert run["steps"] == 16 and run["bad_rows"] == 0
+        assert run["final_loss"] < run["first_loss"], (stage, run["first_loss"], run["final_loss"])
+    model = mmllm.load(str(path))
+    assert model.config.llm.source == "smollm2" and model.config.llm.lora is not None
+    spec = world.ImageSpec(colour="red", shape="circle", size="large", position="center", count=1)
+    out = model.generate("What is in this picture?", image=world.render_image(spec), max_new_tokens=8)
+    assert isinstance(out.text, str) and out.text.strip()

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -68,8 +68,8 @@ class BuildSettings:
     """
 
     steps: dict = field(default_factory=lambda: {
-        "clip": 400, "audio_encoder": 300, "vae": 300,
-        "image_decoder": 800, "audio_decoder": 400, "video_decoder": 150,
+        "clip": 400, "audio_encoder": 300, "vae": 1200,
+        "image_decoder": 1000, "audio_decoder": 600, "video_decoder": 300,
     })
     batch: dict = field(default_factory=lambda: {
         "clip": 64, "audio_encoder": 64, "vae": 16,
@@ -83,6 +83,9 @@ class BuildSettings:
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     canonical_fraction: float = 0.6  # decoders: share of canonical captions (the stage-1 targets)
     corpus: int = 3000  # random captions + requests per modality for the tokenizer
+    # Loss weight of foreground pixels (shapes, tones) relative to the background: objects
+    # cover a few percent of a frame, so an unweighted MSE learns layout but not colour or shape.
+    foreground_weight: float = 10.0
 
     @classmethod
     def fast(cls) -> "BuildSettings":
@@ -91,6 +94,17 @@ class BuildSettings:
             batch={k: 4 for k in COMPONENTS},
             pool={"image": 16, "audio": 8, "video": 4},
             corpus=100,
+        )
+
+    @classmethod
+    def smoke(cls) -> "BuildSettings":
+        """Enough steps for every component's loss to fall, in well under a minute on a CPU
+        (the default test run's check of the whole chain); the results are not useful models."""
+        return cls(
+            steps={k: 30 for k in COMPONENTS},
+            batch={k: 8 for k in COMPONENTS},
+            pool={"image": 64, "audio": 32, "video": 16},
+            corpus=200,
         )
 
     def override(self, steps: Optional[dict] = None) -> "BuildSettings":
@@ -160,6 +174,13 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _loss_summary(losses: list[float], window: int = 50) -> dict:
+    """Mean loss over the first and the last ``window`` steps (a quarter of the run when
+    shorter), so a build records that its loss fell."""
+    k = max(1, min(window, len(losses) // 4))
+    return {"first_loss": float(np.mean(losses[:k])), "final_loss": float(np.mean(losses[-k:]))}
 
 
 def _optimizer(params, lr: float, steps: int):
@@ -234,6 +255,19 @@ def spectrogram_images(waves: np.ndarray, mel) -> torch.Tensor:
     return img.mul(2).sub(1).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
+def foreground(pixels: torch.Tensor, threshold: float = -0.9) -> torch.Tensor:
+    """(..., 3, H, W) in [-1, 1] -> (..., 1, H, W) float mask of pixels off the black
+    background (shapes, tones above the spectrogram floor)."""
+    return (pixels.amax(dim=-3, keepdim=True) > threshold).float()
+
+
+def loss_weights(mask: torch.Tensor, weight: float, factor: int = 1) -> torch.Tensor:
+    """``1 + weight * mask``, max-pooled by ``factor`` to a latent grid; (N, 1, H, W) in and out."""
+    if factor > 1:
+        mask = F.max_pool2d(mask, factor)
+    return 1.0 + weight * mask
+
+
 # --------------------------------------------------------------------------- encoders
 
 
@@ -296,7 +330,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
     tokenizer.save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                        image_mean=mean.tolist(), image_std=std.tolist()).save_pretrained(out)
-    return {"final_loss": float(np.mean(losses[-20:])), "image_mean": mean.tolist(), "image_std": std.tolist()}
+    return {**_loss_summary(losses, 20), "image_mean": mean.tolist(), "image_std": std.tolist()}
 
 
 def build_audio_encoder(out: Path, clip_dir: Path, settings: BuildSettings, device: str, seed: int,
@@ -346,7 +380,7 @@ def build_audio_encoder(out: Path, clip_dir: Path, settings: BuildSettings, devi
     extractor.save_pretrained(out)
     text.eval().to("cpu").save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "text_encoder")
-    return {"final_loss": float(np.mean(losses[-20:])), "feature_mean": mean, "feature_std": std}
+    return {**_loss_summary(losses, 20), "feature_mean": mean, "feature_std": std}
 
 
 # --------------------------------------------------------------------------- decoders
@@ -375,7 +409,8 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
         x = pool[rng.choice(len(pool), size=min(batch, len(pool)), replace=False)].to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        w = loss_weights(foreground(x), settings.foreground_weight)
+        loss = (w * (recon - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -389,7 +424,7 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
         recon_mse = F.mse_loss(vae.decode(latents).sample, sample).item()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))  # SD's convention: unit-variance latents
     vae.to("cpu").save_pretrained(out)
-    return {"recon_mse": recon_mse, "scaling_factor": vae.config.scaling_factor}
+    return {**_loss_summary(losses), "recon_mse": recon_mse, "scaling_factor": vae.config.scaling_factor}
 
 
 def _scheduler():
@@ -407,8 +442,12 @@ def _latents(vae, pixels: torch.Tensor, device: str, chunk: int = 256) -> torch.
 
 def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, tokenizer, settings: BuildSettings,
                     name: str, device: str, rng: np.random.Generator, progress: bool,
-                    to_unet: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict:
-    """The standard noise-prediction loss on ``latents`` conditioned on the frozen text encoder."""
+                    to_unet: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                    weights: Optional[torch.Tensor] = None) -> dict:
+    """The standard noise-prediction loss on ``latents`` conditioned on the frozen text encoder.
+
+    ``weights`` (broadcastable to ``latents``, e.g. (N, 1, h, w)) weight each latent
+    position's squared error: ``loss_weights`` of the foreground, so objects count."""
     scheduler = _scheduler()
     alphas = scheduler.alphas_cumprod
     unet.to(device).train()
@@ -426,7 +465,8 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         t = torch.randint(0, len(alphas), (len(idx),))
         noisy = scheduler.add_noise(x0, noise, t)
         pred = unet(to_unet(noisy), t.to(device), encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, to_unet(noise))
+        err = (pred - to_unet(noise)) ** 2
+        loss = err.mean() if weights is None else (to_unet(weights[idx].to(device).expand_as(x0)) * err).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -436,7 +476,7 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     unet.eval().to("cpu")
     text_encoder.to("cpu")
-    return {"final_loss": float(np.mean(losses[-50:]))}
+    return _loss_summary(losses)
 
 
 def _unet2d(sample_size, text_width: int):
@@ -481,10 +521,12 @@ def build_image_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     text_encoder = clip_text_encoder(root / "clip")
     tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
     specs, images = image_pool(settings.pool["image"], rng)
-    latents = _latents(vae, to_unit(images), device)  # (N, 4, 16, 16)
+    pixels = to_unit(images)
+    latents = _latents(vae, pixels, device)  # (N, 4, 16, 16)
+    weights = loss_weights(foreground(pixels), settings.foreground_weight, pixels.shape[-1] // latents.shape[-1])
     unet = _unet2d(latents.shape[-1], text_encoder.config.hidden_size)
     info = _train_denoiser(unet, latents, specs, text_encoder, tokenizer, settings, "image_decoder", device, rng,
-                           progress)
+                           progress, weights=weights)
     _save_sd(out, vae.to("cpu"), text_encoder, tokenizer, unet)
     return info
 
@@ -503,10 +545,12 @@ def build_audio_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     text_encoder = CLIPTextModel.from_pretrained(text_dir)
     tokenizer = CLIPTokenizer.from_pretrained(text_dir)
     specs, waves = audio_pool(settings.pool["audio"], rng)
-    latents = _latents(vae, spectrogram_images(waves, mel), device)  # (N, 4, 8, 32)
+    pixels = spectrogram_images(waves, mel)
+    latents = _latents(vae, pixels, device)  # (N, 4, 8, 32)
+    weights = loss_weights(foreground(pixels), settings.foreground_weight, pixels.shape[-1] // latents.shape[-1])
     unet = _unet2d(list(latents.shape[-2:]), text_encoder.config.hidden_size)
     info = _train_denoiser(unet, latents, specs, text_encoder, tokenizer, settings, "audio_decoder", device, rng,
-                           progress)
+                           progress, weights=weights)
     _save_sd(out, vae.to("cpu"), text_encoder, tokenizer, unet)
     mel.save(out)
     return info
@@ -524,8 +568,11 @@ def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
     specs, videos = video_pool(settings.pool["video"], rng)
     n, t = videos.shape[:2]
-    frames = _latents(vae, to_unit(videos.reshape(n * t, *videos.shape[2:])), device)  # (N*T, 4, 16, 16)
+    pixels = to_unit(videos.reshape(n * t, *videos.shape[2:]))
+    frames = _latents(vae, pixels, device)  # (N*T, 4, 16, 16)
     latents = frames.view(n, t, *frames.shape[1:])  # (N, T, 4, h, w); the UNet wants (N, 4, T, h, w)
+    weights = loss_weights(foreground(pixels), settings.foreground_weight, pixels.shape[-1] // frames.shape[-1])
+    weights = weights.view(n, t, *weights.shape[1:])  # (N, T, 1, h, w)
     unet = UNet3DConditionModel(
         sample_size=latents.shape[-1], in_channels=4, out_channels=4,
         down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
@@ -542,7 +589,7 @@ def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     matched = {k: v.reshape(own[k].shape) for k, v in image_unet.items() if k in own and own[k].numel() == v.numel()}
     unet.load_state_dict(matched, strict=False)
     info = _train_denoiser(unet, latents, specs, text_encoder, tokenizer, settings, "video_decoder", device, rng,
-                           progress, to_unet=lambda x: x.transpose(1, 2))
+                           progress, to_unet=lambda x: x.transpose(1, 2), weights=weights)
     info["init_from_image_unet"] = f"{len(matched)}/{len(own)} tensors"
     TextToVideoSDPipeline(vae=vae.to("cpu"), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                           scheduler=_scheduler()).save_pretrained(out)

@@ -12,9 +12,9 @@ Choices, for a model that trains on 2 CPU cores:
 - image: ``hf_clip`` patch tokens of layer -2 (LLaVA's choice): 16 tokens of width 64
   (32x32 images, 8x8 patches), ``mlp2x_gelu`` projector.
 - audio: ``hf_audio`` (AST) patch tokens, 22 tokens of width 64, ``mlp2x_gelu``.
-- video: ``frames`` through the image encoder, 4 frames, ``frame_pooling="none"``
-  (64 tokens): mean pooling averages the moving shape over its path and loses the
-  direction (see docs/TOY.md for the probe numbers).
+- video: ``frames`` through the image encoder, the first and last of the 4 frames,
+  ``frame_pooling="none"`` (32 tokens: where the shape starts and ends gives the
+  direction; mean pooling averages the shape over its path and loses it, see docs/TOY.md).
 - outputs: 4 / 8 / 8 signal tokens (NExT-GPT uses 24 for video; 8 keep sequences
   short) and a small ``transformer`` projector (d_model 64, 2 + 2 layers) into each
   decoder's (32, 64) text-conditioning space.
@@ -30,6 +30,8 @@ from typing import Optional
 from mmllm.config import EncoderConfig, MMLLMConfig
 
 from .components import VIDEO_FRAMES, default_root
+
+VIDEO_INPUT_FRAMES = 2  # frames the video encoder reads (first and last); clips have VIDEO_FRAMES
 
 
 def _root(root: Optional[str | os.PathLike]) -> Path:
@@ -55,7 +57,7 @@ def decoder_options(modality: str) -> dict:
         return {**common, "height": 32, "width": 32}
     if modality == "video":
         return {**common, "height": 32, "width": 32, "num_frames": VIDEO_FRAMES, "fps": 4}
-    return dict(common)
+    return {**common, "audio_length_in_s": 1.0}  # the spectrogram's 64 frames
 
 
 def _transformer_projector() -> dict:
@@ -79,7 +81,7 @@ def toy_config(root: Optional[str | os.PathLike] = None, **overrides) -> MMLLMCo
                                   "features": "patch", "feature_layer": -1},
                       "projector": {"type": "mlp2x_gelu"}},
             "video": {"placeholder": "<video>",
-                      "encoder": {"backend": "frames", "share_with": "image", "num_frames": VIDEO_FRAMES,
+                      "encoder": {"backend": "frames", "share_with": "image", "num_frames": VIDEO_INPUT_FRAMES,
                                   "frame_pooling": "none", "features": "patch"},
                       "projector": {"type": "mlp2x_gelu"}},
         },

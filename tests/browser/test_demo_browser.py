@@ -101,3 +101,77 @@ def test_chat_in_the_browser(page_url, chromium):
             tab.screenshot(path=str(ARTIFACTS / "demo-cleared.png"))
         finally:
             browser.close()
+
+
+# --------------------------------------------------------------------------- the toy default, for real
+
+
+@pytest.fixture(scope="module")
+def toy_url(tmp_path_factory):
+    """The demo serving the trained toy default (built first when missing: ~25 min on 2 CPU
+    cores, a no-op when built), greedy so the answers are reproducible."""
+    import mmllm
+    from demo.chat import Settings
+    from mmllm.toy.mmllm_build import build_default
+
+    build_default(progress=False)
+    model = mmllm.load("toy")
+    workdir = tmp_path_factory.mktemp("toy_demo")
+    page = build_demo(model, model_name="toy", workdir=workdir, sampling=Settings(max_new_tokens=48, temperature=0.0))
+    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, allowed_paths=[str(workdir)])
+    yield page.local_url
+    page.close()
+
+
+@pytest.mark.toy_default
+def test_toy_model_in_the_browser(toy_url, chromium, tmp_path):
+    """The issue's three checks against the real toy model: describe an uploaded toy image
+    (its colour and shape named), draw on request (an image appears), reject a non-image file."""
+    import re
+
+    from PIL import Image
+
+    from mmllm.toy import world
+
+    spec = world.ImageSpec(colour="red", shape="circle", size="large", position="center", count=1)
+    picture = tmp_path / "toy_red_circle.png"
+    Image.fromarray(world.render_image(spec)).save(picture)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
+        try:
+            tab = browser.new_page(viewport={"width": 1100, "height": 1100})
+            tab.goto(toy_url)
+            box = tab.locator("#message textarea")
+            box.wait_for(timeout=60_000)
+            chat = tab.locator("#chat")
+            bot = chat.locator(".bot")
+
+            # 1. Upload a toy image and ask what it shows: the answer names its colour and shape.
+            tab.locator("#message input[type=file]").set_input_files(str(picture))
+            box.fill("What is in this picture?")
+            box.press("Enter")
+            sync_api.expect(chat.locator("img")).to_have_count(1, timeout=60_000)
+            sync_api.expect(bot.last).to_contain_text(re.compile(r"\bred\b", re.I), timeout=120_000)
+            sync_api.expect(bot.last).to_contain_text(re.compile(r"\bcircle", re.I), timeout=120_000)
+            tab.screenshot(path=str(ARTIFACTS / "toy-describe.png"), full_page=True)
+
+            # 2. Ask for a drawing: a generated image appears in the conversation.
+            box.fill("Draw a blue square.")
+            box.press("Enter")
+            sync_api.expect(chat.locator("img")).to_have_count(2, timeout=180_000)
+            tab.screenshot(path=str(ARTIFACTS / "toy-draw.png"), full_page=True)
+            if os.environ.get("MMLLM_DEMO_SCREENSHOT"):
+                tab.screenshot(path=os.environ["MMLLM_DEMO_SCREENSHOT"])
+
+            # 3. A file that is not an image (nor audio, nor video) gets a clear message.
+            tab.locator("#message input[type=file]").set_input_files(str(notes))
+            box.fill("And this?")
+            box.press("Enter")
+            sync_api.expect(tab.locator("body")).to_contain_text(re.compile(r"not .*(supported|accepted)|unsupported|"
+                                                                            r"invalid file", re.I), timeout=60_000)
+            tab.screenshot(path=str(ARTIFACTS / "toy-bad-file.png"), full_page=True)
+        finally:
+            browser.close()
