@@ -305,3 +305,63 @@ def test_cli_config_precedence(tmp_path):
     assert cfg.l2_scale["video"] == 2 and cfg.l2_scale["image"] == 1.0
     with pytest.raises(ValueError, match="stage"):
         TrainConfig(stage="stage3")
+
+
+# --------------------------------------------------------------------------- decoding-side alignment on cached states
+
+
+def test_align_outputs_stage_trains_only_output_projectors(base_model, fresh):
+    model = fresh(base_model)
+    set_trainable(model, "align_outputs")
+    on = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert on == {"output_projectors"}
+
+
+def test_cached_states_equal_the_training_forward(base_model, data, fresh):
+    """The cache holds exactly what TrainingModule projects at the same signal tokens."""
+    from mmllm.training import cache_signal_states
+
+    model = fresh(base_model)
+    model.eval()
+    cache = cache_signal_states(model, generation=data["generation"], data_root=data["root"], batch_size=64,
+                                progress=False)
+    cfg = TrainConfig(stage="stage1_dec", generation=data["generation"], data_root=str(data["root"]))
+    report = DataReport(strict=True)
+    examples = next(iter(StreamingData(sources_from(generation=cfg.generation), ExampleBuilder(model, cfg.data_root),
+                                       10_000, report)))
+    batch = Collator(model, report)(examples)
+    with torch.no_grad():
+        out = model(batch.input_ids, batch.attention_mask, labels=batch.labels, output_hidden_states=True)
+        live = model.project_signals(batch.input_ids, out.hidden_states)
+    for m, target in batch.targets.items():
+        proj = model.output_projectors[m]
+        with torch.no_grad():
+            cached = proj(cache.states[m], cache.embeds[m].expand(len(cache.states[m]), -1, -1))
+        torch.testing.assert_close(cached, live[m][batch.target_index[m]], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.targets[m], target.float())
+
+
+def test_align_output_projectors_lowers_l2_and_touches_nothing_else(base_model, data, fresh):
+    from mmllm.training import align_output_projectors, cache_signal_states
+
+    model = fresh(base_model)
+    cfg = TrainConfig(stage="stage1_dec", generation=data["generation"], data_root=str(data["root"]))
+    before_loss, before_parts = batch_loss(model, cfg)
+    before = snapshot(model)
+    result = align_output_projectors(model, generation=data["generation"], data_root=data["root"], steps=60,
+                                     batch_size=8, lr=3e-3, progress=False)
+    after_loss, after_parts = batch_loss(model, cfg)
+    assert result.final_loss < result.first_loss and set(result.examples) == {"image", "audio", "video"}
+    l2 = [k for k in before_parts if k.startswith("l2_")]
+    assert l2 and all(after_parts[k] < before_parts[k] for k in l2)
+    assert {k.split(".")[0] for k in changed(before, model)} == {"output_projectors"}
+    with pytest.raises(ValueError, match="no signal sequence"):
+        cache_signal_states(model, conversations=_no_generation_file(data), data_root=data["root"], progress=False)
+
+
+def _no_generation_file(data):
+    """A conversations file with no <gen:...> turn."""
+    path = data["root"] / "no_gen.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"},
+                                                   {"from": "gpt", "value": "Hello."}]}]))
+    return str(path)

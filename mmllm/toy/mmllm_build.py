@@ -10,6 +10,8 @@
                                      generation pairs (text -> signal tokens + L2)
     <root>/runs/stage2/              stage 2: LoRA + projectors on QA, descriptions,
                                      generation requests and multi-turn dialogues
+    <root>/runs/align/               decoding-side alignment: the output projectors alone on
+                                     the stage-2 model's cached states (mmllm.training.align)
     <root>/model/                    the finished model (save_pretrained + build.json);
                                      mmllm.load() opens it when it exists
 
@@ -65,30 +67,35 @@ class DefaultSettings:
     stage2_projector_lr: float = 1e-3  # stage 1 is short, so the projectors keep learning
     lora: dict = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0,
                                                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    # Decoding-side alignment after stage 2 (mmllm.training.align): the output projectors
+    # alone, on the final model's cached states at the generation turns' signal tokens.
+    align_steps: int = 1500
+    align_batch: int = 64
+    align_lr: float = 1e-3
     save_every: int = 10  # checkpoints, for resuming an interrupted stage
     seed: int = 0
 
     @classmethod
     def fast(cls) -> "DefaultSettings":
         return cls(items=6, dialogues=6, stage1_steps=2, stage1_batch=2, stage2_steps=2, stage2_batch=2,
-                   save_every=0)
+                   align_steps=2, align_batch=4, save_every=0)
 
     @classmethod
     def smoke(cls) -> "DefaultSettings":
         """A short run of both stages on the real LLM in which the losses fall (the default
         test run's check of the whole chain)."""
         return cls(items=16, dialogues=8, stage1_steps=16, stage1_batch=4, stage2_steps=16, stage2_batch=4,
-                   stage2_lr=2e-3, save_every=0)
+                   stage2_lr=2e-3, align_steps=40, align_batch=8, save_every=0)
 
-    def stage_fingerprint(self, stage: str, components: dict, overrides: Optional[dict] = None) -> str:
+    def stage_fingerprint(self, stage: str, components: dict, model_config: Optional[dict] = None) -> str:
         """What a stage's result depends on: its settings, the data, the components (their
-        ``toy_component.json``) and any model config overrides."""
-        keys = {"stage1": ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "seed"),
-                "stage2": ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps",
-                           "stage2_batch", "stage2_lr", "stage2_projector_lr", "lora", "seed")}[stage]
+        ``toy_component.json``) and the model config."""
+        s1 = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "seed")
+        s2 = (*s1, "stage2_steps", "stage2_batch", "stage2_lr", "stage2_projector_lr", "lora")
+        keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr")}[stage]
         data = {"settings": {k: getattr(self, k) for k in keys},
                 "components": {k: (v or {}).get("build_id") for k, v in components.items()},
-                "overrides": overrides or {}}
+                "model_config": model_config or {}}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -154,7 +161,8 @@ def _stage_files(directory: Path) -> dict[str, list[str]]:
     d = str(directory)
     return {"captions": [f"{d}/stage1_captions_{m}.jsonl" for m in world.MODALITIES],
             "generation": [f"{d}/generation.jsonl"],
-            "conversations": [f"{d}/stage2_{m}.json" for m in (*world.MODALITIES, "text")]}
+            "conversations": [f"{d}/stage2_{m}.json" for m in (*world.MODALITIES, "text")],
+            "requests": [f"{d}/stage2_text.json"]}  # generation requests (+ text-only dialogues): for align
 
 
 def _write_stage_files(directory: Path, settings: DefaultSettings) -> None:
@@ -226,6 +234,31 @@ def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, ma
     return info
 
 
+def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[str], settings: DefaultSettings,
+               device: str, progress: bool, log: Callable[[str], None]) -> dict:
+    """Decoding-side alignment of the stage-2 model's output projectors on its cached states
+    at the generation conversations' signal tokens (``mmllm.training.align``)."""
+    from mmllm.training import align_output_projectors, load_model
+
+    if _stage_done(out, fingerprint):
+        log(f"align: reusing {out / 'model'}")
+        return json.loads((out / DONE).read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log(f"align: caching signal states, then {settings.align_steps} output-projector steps into {out}")
+    model = load_model(str(stage2)).to(device)
+    result = align_output_projectors(model, conversations=conversations, data_root=str(Path(conversations[0]).parent),
+                                     steps=settings.align_steps, batch_size=settings.align_batch,
+                                     lr=settings.align_lr, seed=settings.seed, progress=progress)
+    model.save_pretrained(out / "model")
+    info = {"fingerprint": fingerprint, "seconds": result.seconds, "steps": result.steps,
+            "first_loss": result.first_loss, "final_loss": result.final_loss, "examples": result.examples,
+            "bad_rows": result.bad_rows}
+    (out / DONE).write_text(json.dumps(info, indent=1))
+    log(f"align: done in {result.seconds:.0f} s, loss {result.first_loss:.3f} -> {result.final_loss:.3f}")
+    return info
+
+
 def _train_config(**kwargs):
     from mmllm.training import TrainConfig
 
@@ -263,14 +296,17 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
     files = write_data(root / "data", settings)
     timings["data"] = round(time.time() - t, 1)
     if force:
-        for s in ("stage1", "stage2"):
+        for s in ("stage1", "stage2", "align"):
             shutil.rmtree(root / "runs" / s, ignore_errors=True)
 
     common = dict(mix="alternate", precision="fp32", log_every=0, progress=progress, seed=settings.seed,
                   save_every=settings.save_every, warmup_ratio=0.05, data_root=str(root / "data"))
     s1, s2 = root / "runs" / "stage1", root / "runs" / "stage2"
-    fp1 = settings.stage_fingerprint("stage1", components, config_overrides)
-    fp2 = settings.stage_fingerprint("stage2", components, config_overrides)
+    # The whole model config (preset choices included), not just the overrides: a changed
+    # preset retrains the stages.
+    model_config = toy_config(root, **(config_overrides or {})).to_dict()
+    fp1 = settings.stage_fingerprint("stage1", components, model_config)
+    fp2 = settings.stage_fingerprint("stage2", components, model_config)
 
     def model_for_stage1():
         return MMLLM.from_config(toy_config(root, **(config_overrides or {})), device=device)
@@ -296,17 +332,23 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
         lambda: load_model(str(s1)).to(device), log)
     timings["stage2"] = round(time.time() - t, 1)
 
+    t = time.time()
+    s3 = root / "runs" / "align"
+    fp3 = settings.stage_fingerprint("align", components, model_config)
+    info3 = _run_align(s3, fp3, s2, files["requests"], settings, device, progress, log)
+    timings["align"] = round(time.time() - t, 1)
+
     final = model_dir(root)
     built = json.loads((final / BUILD_INFO).read_text()) if is_built(root) else {}
-    if force or built.get("stage2") != fp2:
+    if force or built.get("align") != fp3:
         from mmllm.fileio import atomic_directory
 
         with atomic_directory(final) as tmp:
-            for f in (s2 / "model").iterdir():
+            for f in (s3 / "model").iterdir():
                 shutil.copy2(f, tmp / f.name)
-            info = {"stage1": fp1, "stage2": fp2, "settings": asdict(settings), "device": str(device),
+            info = {"stage1": fp1, "stage2": fp2, "align": fp3, "settings": asdict(settings), "device": str(device),
                     "torch_threads": torch.get_num_threads(), "fast": fast, "timings_s": timings,
-                    "stage1_run": info1, "stage2_run": info2,
+                    "stage1_run": info1, "stage2_run": info2, "align_run": info3,
                     "components": {k: (v or {}).get("build_id") for k, v in components.items()},
                     "built_at": time.time()}
             (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: marks it complete

@@ -7,7 +7,7 @@ from typing import Optional
 
 from mmllm.config import JsonConfig, LoraConfig
 
-STAGES = ("stage1_enc", "stage1_dec", "stage1", "stage2")
+STAGES = ("stage1_enc", "stage1_dec", "stage1", "stage2", "align_outputs")
 PRECISIONS = ("fp32", "no", "bf16", "fp16")
 NAN_POLICIES = ("skip", "stop")
 MIXES = ("mixed", "alternate")
@@ -19,7 +19,8 @@ class TrainConfig(JsonConfig):
 
     stage: which parameters learn (``mmllm.training.freeze.set_trainable``): ``stage1_enc``
         (input projectors), ``stage1_dec`` (output projectors + signal-token rows), ``stage1``
-        (both) or ``stage2`` (LoRA + projectors + signal-token rows).
+        (both), ``stage2`` (LoRA + projectors + signal-token rows) or ``align_outputs`` (the
+        output projectors alone; ``mmllm.training.align`` trains them fast on cached states).
     model: preset name or ``save_pretrained`` directory (a training output dir works too).
     captions / generation / conversations: data files (JSONL, CSV; conversations also LLaVA
         JSON). Captions feed the encoding side, generation pairs the decoding side, both in

@@ -26,12 +26,13 @@ def trainable_rule(stage: str):
     enc = stage in ("stage1_enc", "stage1", "stage2")
     dec = stage in ("stage1_dec", "stage1", "stage2")
     lora = stage == "stage2"
+    out = dec or stage == "align_outputs"  # align_outputs: the output projectors alone, LLM side frozen
 
     def rule(name: str) -> bool:
         if name.startswith("input_projectors."):
             return enc
         if name.startswith("output_projectors."):
-            return dec
+            return out
         if name.startswith("llm.") and _is_signal_row(name):
             return dec  # only the signal tokens' own rows; the base matrices never learn
         if name.startswith("llm.") and _is_lora(name):

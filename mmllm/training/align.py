@@ -1,0 +1,143 @@
+"""Decoding-side alignment on cached LLM states: NExT-GPT's L2 objective, made cheap.
+
+When only the output projectors learn (stage ``align_outputs``: the LLM, its LoRA and the
+signal-token rows frozen), the states a projector reads never change. So the LLM runs once
+over the data, without gradients, and the states at every complete signal sequence are kept
+with the decoder's own conditioning of the output's caption. The projectors then train for
+many steps on that cache, each step costing a small projector forward and backward instead
+of a pass through the LLM.
+
+The data are the same files and rows the trainer reads (conversations with ``<gen:MOD>``
+markers and ``outputs`` captions, or generation pairs), through the same ``ExampleBuilder``
+and ``Collator``, so the states are exactly those the model has at those positions when it
+generates in that format.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .collate import Collator
+from .data import DataReport, ExampleBuilder, StreamingData, sources_from
+from .freeze import set_trainable
+
+
+@dataclass
+class SignalCache:
+    """modality -> (states (n, k, D), signal-row embeddings (k, D), targets (n, *shape)), on the CPU."""
+
+    states: dict = field(default_factory=dict)
+    embeds: dict = field(default_factory=dict)
+    targets: dict = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {m: len(t) for m, t in self.targets.items()}
+
+
+@dataclass
+class AlignResult:
+    steps: int
+    first_loss: float
+    final_loss: float
+    examples: dict
+    seconds: float
+    bad_rows: int
+
+
+@torch.no_grad()
+def cache_signal_states(model, generation=None, conversations=None, data_root=None, batch_size: int = 16,
+                        progress: bool = True, report: DataReport | None = None) -> SignalCache:
+    """Run the (frozen) model over the rows and keep, for every signal sequence that has a
+    caption, its last-layer states and the decoder's conditioning of that caption."""
+    from tqdm.auto import tqdm
+
+    report = report or DataReport()
+    builder = ExampleBuilder(model, data_root)
+    data = StreamingData(sources_from(generation=generation, conversations=conversations), builder, batch_size,
+                         report, mix="mixed")
+    collate = Collator(model, report)
+    device = next(p for p in model.parameters()).device
+    was_training = model.training
+    model.eval()
+    states: dict[str, list] = {}
+    targets: dict[str, list] = {}
+    embeds: dict[str, torch.Tensor] = {}
+    for examples in tqdm(data, desc="caching signal states", disable=not progress, unit="batch"):
+        tb = collate(examples)
+        if tb is None or not tb.targets:
+            continue
+        tb = tb.to(device)
+        no_labels = torch.full_like(tb.input_ids, -100)  # states only: no logits over the vocabulary
+        out = model(tb.input_ids, tb.attention_mask, tb.media, tb.media_sample, no_labels, output_hidden_states=True,
+                    features=tb.features)
+        embed = model.llm.get_input_embeddings()
+        for m, index in tb.target_index.items():
+            pos = model.signal_positions(tb.input_ids, m)
+            k = len(model.signal_groups[m])
+            idx = pos[:, 1:2] + torch.arange(k, device=pos.device)  # (n, k)
+            s = out.hidden_states[pos[:, :1], idx]  # (n, k, D)
+            states.setdefault(m, []).append(s[index].float().cpu())
+            targets.setdefault(m, []).append(tb.targets[m].float().cpu())
+            if m not in embeds:
+                embeds[m] = embed(tb.input_ids[pos[:1, :1], idx[:1]])[0].float().cpu()  # (k, D)
+    model.train(was_training)
+    if not states:
+        raise ValueError("no signal sequence with a caption in the data: align_outputs needs generation pairs or "
+                         "conversations with <gen:MOD> markers and 'outputs' captions")
+    return SignalCache({m: torch.cat(v) for m, v in states.items()}, embeds,
+                       {m: torch.cat(v) for m, v in targets.items()})
+
+
+def align_output_projectors(model, generation=None, conversations=None, data_root=None, steps: int = 1000,
+                            batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0,
+                            warmup_ratio: float = 0.03, seed: int = 0, cache_batch_size: int = 16,
+                            progress: bool = True) -> AlignResult:
+    """Train the output projectors alone, on cached states (see the module docstring).
+
+    Each step takes ``batch_size`` cached sequences of one modality (modalities in turn)
+    and minimises the MSE to the decoder's conditioning, as ``TrainingModule`` does.
+    Returns the losses (first and last tenth of the run), counts and timing.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    report = DataReport()
+    set_trainable(model, "align_outputs")
+    cache = cache_signal_states(model, generation, conversations, data_root, cache_batch_size, progress, report)
+    params = [p for p in model.output_projectors.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, int(steps * warmup_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    gen = torch.Generator().manual_seed(seed)
+    modalities = sorted(cache.targets)
+    device = next(model.output_projectors.parameters()).device
+    losses = []
+    model.output_projectors.train()
+    for step in (bar := tqdm(range(steps), desc="align_outputs", disable=not progress)):
+        m = modalities[step % len(modalities)]
+        n = len(cache.targets[m])
+        pick = torch.randint(n, (min(batch_size, n),), generator=gen)
+        proj = model.output_projectors[m]
+        states = cache.states[m][pick].to(device)
+        embeds = cache.embeds[m].to(device).expand(len(pick), -1, -1)
+        loss = F.mse_loss(proj(states, embeds).float(), cache.targets[m][pick].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    model.output_projectors.eval()
+    k = max(1, min(100, len(losses) // 10))
+    return AlignResult(steps=steps, first_loss=sum(losses[:k]) / k, final_loss=sum(losses[-k:]) / k,
+                       examples=cache.counts(), seconds=round(time.time() - start, 1), bad_rows=report.count)
+
+
+__all__ = ["AlignResult", "SignalCache", "align_output_projectors", "cache_signal_states"]
