@@ -49,11 +49,11 @@ def test_image_encoder_loads_full_clip_checkpoint(root):
     images = [world.render_image(world.ImageSpec("red", "circle")), world.render_image(world.ImageSpec("blue", "cross"))]
     x = enc.preprocess(images)
     out = enc(x)
-    assert out.shape == (2, enc.num_tokens, enc.hidden_size) == (2, 16, 64)
+    assert out.shape == (2, enc.num_tokens, enc.hidden_size) == (2, 17, 64)  # class token + 16 patches
     # The vision tower really carries CLIPModel's trained weights (no silently random keys).
     clip = CLIPModel.from_pretrained(root / "clip").eval()
     with torch.no_grad():
-        ref = clip.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        ref = clip.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-1]
         pooled = clip.get_image_features(pixel_values=x)
         pooled = pooled if isinstance(pooled, torch.Tensor) else pooled.pooler_output
         mine = enc.tower(pixel_values=x).image_embeds
@@ -70,7 +70,7 @@ def test_audio_and_video_encoders(root):
     video = build_encoder(EncoderConfig(backend="frames", share_with="image", num_frames=4, frame_pooling="none"),
                           "video", {"image": image})
     clip = world.render_video(world.VideoSpec("red", "square", "up"), frames=4)
-    assert video(video.preprocess([clip])).shape == (1, 64, 64)
+    assert video(video.preprocess([clip])).shape == (1, 4 * 17, 64)
 
 
 @pytest.mark.parametrize("modality,backend,folder,kind", [
