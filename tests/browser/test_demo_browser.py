@@ -108,13 +108,14 @@ def test_chat_in_the_browser(page_url, chromium):
 
 @pytest.fixture(scope="module")
 def toy_url(tmp_path_factory):
-    """The demo serving the trained toy default (built first when missing: ~25 min on 2 CPU
-    cores, a no-op when built), greedy so the answers are reproducible."""
+    """The demo serving the trained toy default (built first when missing: ~34 min on 2 CPU
+    cores), greedy so the answers are reproducible."""
     import mmllm
     from demo.chat import Settings
-    from mmllm.toy.mmllm_build import build_default
+    from mmllm.toy.mmllm_build import build_default, is_built
 
-    build_default(progress=False)
+    if not is_built():
+        build_default(progress=False)
     model = mmllm.load("toy")
     workdir = tmp_path_factory.mktemp("toy_demo")
     page = build_demo(model, model_name="toy", workdir=workdir, sampling=Settings(max_new_tokens=48, temperature=0.0))
