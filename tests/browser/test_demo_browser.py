@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -59,48 +60,53 @@ def page_url(tmp_path):
     page.close()
 
 
-def test_chat_in_the_browser(page_url, chromium):
-    ARTIFACTS.mkdir(exist_ok=True)
+@contextmanager
+def _chat_page(url: str, chromium: str, timeout: int):
+    """(tab, message box, chat) of the demo at ``url`` in a fresh headless Chromium."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=ARGS)
         try:
             tab = browser.new_page(viewport={"width": 1100, "height": 1100})
-            tab.goto(page_url)
+            tab.goto(url)
             box = tab.locator("#message textarea")
-            box.wait_for(timeout=30_000)
-            chat = tab.locator("#chat")
-
-            # A clickable example fills the box with its text and image; Enter sends it.
-            tab.get_by_text("Describe this image.").first.click()
-            tab.wait_for_function("document.querySelector('#message textarea').value === 'Describe this image.'")
-            box.press("Enter")
-            sync_api.expect(chat).to_contain_text("You said: Describe this image. (with image)", timeout=30_000)
-            sync_api.expect(chat.locator("img")).to_have_count(1, timeout=30_000)
-
-            # Generated media appear inline: an image, an audio player and a video.
-            box.fill("Draw a red circle, play a sound and make it move left.")
-            box.press("Enter")
-            sync_api.expect(chat).to_contain_text("You said: Draw a red circle", timeout=30_000)
-            sync_api.expect(chat.locator("img")).to_have_count(2, timeout=30_000)
-            sync_api.expect(chat.locator("audio")).to_have_count(1, timeout=30_000)
-            sync_api.expect(chat.locator("video, img[src*='.gif']")).to_have_count(1, timeout=30_000)
-            tab.screenshot(path=str(ARTIFACTS / "demo-chat.png"), full_page=True)
-            if os.environ.get("MMLLM_DEMO_SCREENSHOT"):
-                tab.screenshot(path=os.environ["MMLLM_DEMO_SCREENSHOT"])
-
-            # An empty message gets a message in the chat, not an error page.
-            box.fill("")
-            box.press("Enter")
-            sync_api.expect(chat).to_contain_text("the message is empty", timeout=30_000)
-
-            # Undo removes the last exchange; Clear empties the conversation.
-            tab.locator("#undo").click()
-            sync_api.expect(chat).not_to_contain_text("the message is empty", timeout=30_000)
-            tab.locator("#clear").click()
-            sync_api.expect(chat).not_to_contain_text("You said", timeout=30_000)
-            tab.screenshot(path=str(ARTIFACTS / "demo-cleared.png"))
+            box.wait_for(timeout=timeout)
+            yield tab, box, tab.locator("#chat")
         finally:
             browser.close()
+
+
+def test_chat_in_the_browser(page_url, chromium):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with _chat_page(page_url, chromium, timeout=30_000) as (tab, box, chat):
+        # A clickable example fills the box with its text and image; Enter sends it.
+        tab.get_by_text("Describe this image.").first.click()
+        tab.wait_for_function("document.querySelector('#message textarea').value === 'Describe this image.'")
+        box.press("Enter")
+        sync_api.expect(chat).to_contain_text("You said: Describe this image. (with image)", timeout=30_000)
+        sync_api.expect(chat.locator("img")).to_have_count(1, timeout=30_000)
+
+        # Generated media appear inline: an image, an audio player and a video.
+        box.fill("Draw a red circle, play a sound and make it move left.")
+        box.press("Enter")
+        sync_api.expect(chat).to_contain_text("You said: Draw a red circle", timeout=30_000)
+        sync_api.expect(chat.locator("img")).to_have_count(2, timeout=30_000)
+        sync_api.expect(chat.locator("audio")).to_have_count(1, timeout=30_000)
+        sync_api.expect(chat.locator("video, img[src*='.gif']")).to_have_count(1, timeout=30_000)
+        tab.screenshot(path=str(ARTIFACTS / "demo-chat.png"), full_page=True)
+        if os.environ.get("MMLLM_DEMO_SCREENSHOT"):
+            tab.screenshot(path=os.environ["MMLLM_DEMO_SCREENSHOT"])
+
+        # An empty message gets a message in the chat, not an error page.
+        box.fill("")
+        box.press("Enter")
+        sync_api.expect(chat).to_contain_text("the message is empty", timeout=30_000)
+
+        # Undo removes the last exchange; Clear empties the conversation.
+        tab.locator("#undo").click()
+        sync_api.expect(chat).not_to_contain_text("the message is empty", timeout=30_000)
+        tab.locator("#clear").click()
+        sync_api.expect(chat).not_to_contain_text("You said", timeout=30_000)
+        tab.screenshot(path=str(ARTIFACTS / "demo-cleared.png"))
 
 
 # --------------------------------------------------------------------------- the toy default, for real
@@ -140,39 +146,30 @@ def test_toy_model_in_the_browser(toy_url, chromium, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
-        try:
-            tab = browser.new_page(viewport={"width": 1100, "height": 1100})
-            tab.goto(toy_url)
-            box = tab.locator("#message textarea")
-            box.wait_for(timeout=60_000)
-            chat = tab.locator("#chat")
-            bot = chat.locator(".bot")
+    with _chat_page(toy_url, chromium, timeout=60_000) as (tab, box, chat):
+        bot = chat.locator(".bot")
 
-            # 1. Upload a toy image and ask what it shows: the answer names its colour and shape.
-            tab.locator("#message input[type=file]").set_input_files(str(picture))
-            box.fill("What is in this picture?")
-            box.press("Enter")
-            sync_api.expect(chat.locator("img")).to_have_count(1, timeout=60_000)
-            sync_api.expect(bot.last).to_contain_text(re.compile(r"\bred\b", re.I), timeout=120_000)
-            sync_api.expect(bot.last).to_contain_text(re.compile(r"\bcircle", re.I), timeout=120_000)
-            tab.screenshot(path=str(ARTIFACTS / "toy-describe.png"), full_page=True)
+        # 1. Upload a toy image and ask what it shows: the answer names its colour and shape.
+        tab.locator("#message input[type=file]").set_input_files(str(picture))
+        box.fill("What is in this picture?")
+        box.press("Enter")
+        sync_api.expect(chat.locator("img")).to_have_count(1, timeout=60_000)
+        sync_api.expect(bot.last).to_contain_text(re.compile(r"\bred\b", re.I), timeout=120_000)
+        sync_api.expect(bot.last).to_contain_text(re.compile(r"\bcircle", re.I), timeout=120_000)
+        tab.screenshot(path=str(ARTIFACTS / "toy-describe.png"), full_page=True)
 
-            # 2. Ask for a drawing: a generated image appears in the conversation.
-            box.fill("Draw a blue square.")
-            box.press("Enter")
-            sync_api.expect(chat.locator("img")).to_have_count(2, timeout=180_000)
-            tab.screenshot(path=str(ARTIFACTS / "toy-draw.png"), full_page=True)
-            if os.environ.get("MMLLM_DEMO_SCREENSHOT"):
-                tab.screenshot(path=os.environ["MMLLM_DEMO_SCREENSHOT"])
+        # 2. Ask for a drawing: a generated image appears in the conversation.
+        box.fill("Draw a blue square.")
+        box.press("Enter")
+        sync_api.expect(chat.locator("img")).to_have_count(2, timeout=180_000)
+        tab.screenshot(path=str(ARTIFACTS / "toy-draw.png"), full_page=True)
+        if os.environ.get("MMLLM_DEMO_SCREENSHOT"):
+            tab.screenshot(path=os.environ["MMLLM_DEMO_SCREENSHOT"])
 
-            # 3. A file that is not an image (nor audio, nor video) gets a clear message.
-            tab.locator("#message input[type=file]").set_input_files(str(notes))
-            box.fill("And this?")
-            box.press("Enter")
-            sync_api.expect(tab.locator("body")).to_contain_text(re.compile(r"not .*(supported|accepted)|unsupported|"
-                                                                            r"invalid file", re.I), timeout=60_000)
-            tab.screenshot(path=str(ARTIFACTS / "toy-bad-file.png"), full_page=True)
-        finally:
-            browser.close()
+        # 3. A file that is not an image (nor audio, nor video) gets a clear message.
+        tab.locator("#message input[type=file]").set_input_files(str(notes))
+        box.fill("And this?")
+        box.press("Enter")
+        sync_api.expect(tab.locator("body")).to_contain_text(re.compile(r"not .*(supported|accepted)|unsupported|"
+                                                                        r"invalid file", re.I), timeout=60_000)
+        tab.screenshot(path=str(ARTIFACTS / "toy-bad-file.png"), full_page=True)
