@@ -312,6 +312,23 @@ class MMLLM(nn.Module):
         windows = input_ids.unfold(1, k, 1)  # (B, T-k+1, k)
         return (windows == group).all(-1).nonzero()
 
+    def signal_states(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict[str, tuple]:
+        """What the output projectors read: modality -> (states (n, k, D), signal-row
+        embeddings (n, k, D)) at each complete signal sequence, row-major order.
+
+        ``hidden`` is ``(B, T, D)`` last-layer states aligned with ``input_ids``.
+        """
+        out = {}
+        embed = self.llm.get_input_embeddings()
+        for modality in self.output_projectors:
+            pos = self.signal_positions(input_ids, modality)
+            if pos.shape[0] == 0:
+                continue
+            k = len(self.signal_groups[modality])
+            idx = pos[:, 1:2] + torch.arange(k, device=pos.device)  # (n, k)
+            out[modality] = (hidden[pos[:, :1], idx], embed(input_ids[pos[:, :1], idx]))
+        return out
+
     def project_signals(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """Last-layer states at each complete signal sequence -> the decoder's conditioning.
 
@@ -319,16 +336,10 @@ class MMLLM(nn.Module):
         ``(n, *target_shape)`` in order of appearance (row-major).
         """
         out = {}
-        embed = self.llm.get_input_embeddings()
-        for modality, proj in self.output_projectors.items():
-            pos = self.signal_positions(input_ids, modality)
-            if pos.shape[0] == 0:
-                continue
-            k = len(self.signal_groups[modality])
-            idx = pos[:, 1:2] + torch.arange(k, device=pos.device)  # (n, k)
-            states = hidden[pos[:, :1], idx]  # (n, k, D)
-            embeds = embed(input_ids[pos[:, :1], idx])  # (n, k, D), the signal rows
-            out[modality] = proj(states.to(next(proj.parameters()).dtype), embeds.to(next(proj.parameters()).dtype))
+        for modality, (states, embeds) in self.signal_states(input_ids, hidden).items():
+            proj = self.output_projectors[modality]
+            dtype = next(proj.parameters()).dtype
+            out[modality] = proj(states.to(dtype), embeds.to(dtype))
         return out
 
     # ------------------------------------------------------------------ generation

@@ -176,7 +176,7 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _loss_summary(losses: list[float], window: int = 50) -> dict:
+def loss_summary(losses: list[float], window: int = 50) -> dict:
     """Mean loss over the first and the last ``window`` steps (a quarter of the run when
     shorter), so a build records that its loss fell."""
     k = max(1, min(window, len(losses) // 4))
@@ -330,7 +330,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
     tokenizer.save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                        image_mean=mean.tolist(), image_std=std.tolist()).save_pretrained(out)
-    return {**_loss_summary(losses, 20), "image_mean": mean.tolist(), "image_std": std.tolist()}
+    return {**loss_summary(losses, 20), "image_mean": mean.tolist(), "image_std": std.tolist()}
 
 
 def build_audio_encoder(out: Path, clip_dir: Path, settings: BuildSettings, device: str, seed: int,
@@ -380,7 +380,7 @@ def build_audio_encoder(out: Path, clip_dir: Path, settings: BuildSettings, devi
     extractor.save_pretrained(out)
     text.eval().to("cpu").save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "text_encoder")
-    return {**_loss_summary(losses, 20), "feature_mean": mean, "feature_std": std}
+    return {**loss_summary(losses, 20), "feature_mean": mean, "feature_std": std}
 
 
 # --------------------------------------------------------------------------- decoders
@@ -424,7 +424,7 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
         recon_mse = F.mse_loss(vae.decode(latents).sample, sample).item()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))  # SD's convention: unit-variance latents
     vae.to("cpu").save_pretrained(out)
-    return {**_loss_summary(losses), "recon_mse": recon_mse, "scaling_factor": vae.config.scaling_factor}
+    return {**loss_summary(losses), "recon_mse": recon_mse, "scaling_factor": vae.config.scaling_factor}
 
 
 def _scheduler():
@@ -476,7 +476,7 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     unet.eval().to("cpu")
     text_encoder.to("cpu")
-    return _loss_summary(losses)
+    return loss_summary(losses)
 
 
 def _unet2d(sample_size, text_width: int):

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import world
-from .components import VIDEO_FRAMES, build_components, component_info, default_root
+from .components import VIDEO_FRAMES, build_components, component_info, default_root, loss_summary
 
 MODEL_DIR = "model"
 BUILD_INFO = "build.json"
@@ -224,10 +224,8 @@ def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, ma
     result = train(cfg, model=make_model())
     # First and last quarter of the run (at most 20 steps each): whole cycles of the
     # alternating sources, so the two means compare like with like.
-    k = max(1, min(20, len(result.losses) // 4))
-    info = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 1), "steps": result.steps,
-            "final_loss": float(np.mean(result.losses[-k:])) if result.losses else None,
-            "first_loss": float(np.mean(result.losses[:k])) if result.losses else None,
+    losses = loss_summary(result.losses, 20) if result.losses else {"first_loss": None, "final_loss": None}
+    info = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 1), "steps": result.steps, **losses,
             "bad_rows": result.bad_rows, "resumed": bool(resume)}
     (out / DONE).write_text(json.dumps(info, indent=1))
     log(f"{name}: done in {info['seconds']:.0f} s, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}")

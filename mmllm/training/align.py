@@ -75,16 +75,13 @@ def cache_signal_states(model, generation=None, conversations=None, data_root=No
         no_labels = torch.full_like(tb.input_ids, -100)  # states only: no logits over the vocabulary
         out = model(tb.input_ids, tb.attention_mask, tb.media, tb.media_sample, no_labels, output_hidden_states=True,
                     features=tb.features)
-        embed = model.llm.get_input_embeddings()
+        found = model.signal_states(tb.input_ids, out.hidden_states)
         for m, index in tb.target_index.items():
-            pos = model.signal_positions(tb.input_ids, m)
-            k = len(model.signal_groups[m])
-            idx = pos[:, 1:2] + torch.arange(k, device=pos.device)  # (n, k)
-            s = out.hidden_states[pos[:, :1], idx]  # (n, k, D)
+            s, e = found[m]  # (n, k, D) each
             states.setdefault(m, []).append(s[index].float().cpu())
             targets.setdefault(m, []).append(tb.targets[m].float().cpu())
             if m not in embeds:
-                embeds[m] = embed(tb.input_ids[pos[:1, :1], idx[:1]])[0].float().cpu()  # (k, D)
+                embeds[m] = e[0].float().cpu()  # (k, D): the same signal rows in every sequence
     model.train(was_training)
     if not states:
         raise ValueError("no signal sequence with a caption in the data: align_outputs needs generation pairs or "
