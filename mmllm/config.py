@@ -249,5 +249,43 @@ class MMLLMConfig(JsonConfig):
         return cls.from_dict(data)
 
 
+    def _sources(self):
+        """(object, attribute) of every field that may name a local path."""
+        yield self.llm, "source"
+        yield self.llm, "tokenizer"
+        for inp in self.inputs.values():
+            yield inp.encoder, "source"
+            yield inp.encoder, "pretrained"
+        for out in self.outputs.values():
+            yield out.decoder, "source"
+
+    def relative_to(self, model_dir: str | os.PathLike) -> "MMLLMConfig":
+        """A copy whose local component paths beside ``model_dir`` (anywhere under its parent)
+        are written relative to it (``../clip``), so a tree such as ``root/{model,clip,...}``
+        can be moved or mounted elsewhere. Hub ids and other paths are kept as they are."""
+        base = Path(os.path.abspath(model_dir))
+        out = copy.deepcopy(self)
+        for obj, attr in out._sources():
+            value = getattr(obj, attr)
+            if not value or not os.path.isabs(value) or not os.path.exists(value):
+                continue
+            path = Path(os.path.abspath(value))
+            if base.parent in path.parents or path == base.parent:
+                rel = os.path.relpath(path, base)
+                setattr(obj, attr, rel if rel.startswith("..") else os.path.join(".", rel))
+        return out
+
+    def resolved(self, model_dir: str | os.PathLike) -> "MMLLMConfig":
+        """The inverse of ``relative_to``: ``./x`` and ``../x`` sources become paths under
+        ``model_dir`` (no other source starts that way: hub ids are ``org/name``)."""
+        base = os.path.abspath(model_dir)
+        out = copy.deepcopy(self)
+        for obj, attr in out._sources():
+            value = getattr(obj, attr)
+            if value and (value.startswith("./") or value.startswith("../") or value in (".", "..")):
+                setattr(obj, attr, os.path.normpath(os.path.join(base, value)))
+        return out
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))

@@ -371,7 +371,8 @@ class MMLLM(nn.Module):
         from safetensors.torch import save_file
 
         with atomic_directory(path) as tmp:
-            self.config.to_json(tmp / CONFIG_NAME)
+            # Components beside the model dir are referenced relatively, so the tree can move.
+            self.config.relative_to(path).to_json(tmp / CONFIG_NAME)
             save_file(self.trainable_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         return Path(path)
 
@@ -388,7 +389,7 @@ class MMLLM(nn.Module):
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_NAME}; point to a directory written by save_pretrained")
-        config = MMLLMConfig.from_json(path / CONFIG_NAME)
+        config = MMLLMConfig.from_json(path / CONFIG_NAME).resolved(path)
         if overrides:
             config = config.replace(**overrides)
         model = cls.from_config(config, dtype=dtype)

@@ -47,3 +47,17 @@ def test_registry_is_exact_match_and_lazy():
     assert reg.get("json-dumps") is json.dumps
     with pytest.raises(KeyError, match=r"valid names: \['json-dumps'\]"):
         reg.get("json")  # a prefix is not a match
+
+
+def test_sources_beside_the_model_dir_are_saved_relative(tmp_path):
+    (tmp_path / "clip").mkdir()
+    elsewhere = tmp_path.parent
+    cfg = MMLLMConfig.from_preset("llava-1.5-7b", **{"inputs.image.encoder.source": str(tmp_path / "clip"),
+                                                     "llm.tokenizer": str(elsewhere)})
+    rel = cfg.relative_to(tmp_path / "model")
+    assert rel.inputs["image"].encoder.source == "../clip"
+    assert rel.llm.tokenizer == str(elsewhere)  # not under the model dir's parent: kept absolute
+    assert rel.llm.source == cfg.llm.source  # a hub id is never touched
+    moved = tmp_path / "new_home" / "model"
+    assert rel.resolved(moved).inputs["image"].encoder.source == str(tmp_path / "new_home" / "clip")
+    assert rel.resolved(tmp_path / "model") == cfg

@@ -52,6 +52,22 @@ def test_build_runs_both_stages_into_a_loadable_model(built):
     assert isinstance(out.text, str)
 
 
+def test_built_tree_can_move(built, tmp_path):
+    """The model dir names its sibling components relatively, so the whole root can be moved."""
+    import shutil
+
+    root, path = built
+    saved = json.loads((path / "config.json").read_text())
+    assert saved["inputs"]["image"]["encoder"]["source"] == "../clip"
+    assert saved["outputs"]["audio"]["decoder"]["source"] == "../audio_decoder"
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved, ignore=shutil.ignore_patterns("runs", "data"))
+    model = mmllm.load(str(moved / "model"))
+    assert model.config.inputs["image"].encoder.source == str(moved / "clip")
+    assert model.config.outputs["video"].decoder.source == str(moved / "video_decoder")
+    assert isinstance(model.generate("Draw a red circle.", max_new_tokens=2).text, str)
+
+
 def test_second_build_reuses_everything(built):
     root, path = built
     before = (path / BUILD_INFO).stat().st_mtime_ns

@@ -58,13 +58,17 @@ class DefaultSettings:
 
     items: int = 1000  # per modality: caption pairs, generation pairs and QA items
     dialogues: int = 300  # multi-turn LLaVA dialogues
-    stage1_steps: int = 240
+    qa_turns: int = 3  # stage-2 QA conversations ask 1 to qa_turns questions about one item
+    # Learning rates from 120-step sweeps on image captions (docs/RESULTS.md, "Recipe"):
+    # a frozen LLM's projectors learn far faster at 1e-2 than at LLaVA's 1e-3 in so few
+    # steps, and LoRA from stage 2 on lifts every attribute, so stage 2 gets most steps.
+    stage1_steps: int = 120
     stage1_batch: int = 16
-    stage1_lr: float = 2e-3
-    stage2_steps: int = 300
+    stage1_lr: float = 1e-2
+    stage2_steps: int = 700
     stage2_batch: int = 8
-    stage2_lr: float = 5e-4  # LoRA and signal rows
-    stage2_projector_lr: float = 1e-3  # stage 1 is short, so the projectors keep learning
+    stage2_lr: float = 1e-3  # LoRA and signal rows
+    stage2_projector_lr: float = 6e-3  # the projectors keep learning with LoRA
     lora: dict = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0,
                                                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
     # Decoding-side alignment after stage 2 (mmllm.training.align): the output projectors
@@ -72,6 +76,7 @@ class DefaultSettings:
     align_steps: int = 1500
     align_batch: int = 64
     align_lr: float = 1e-3
+    align_examples: int = 400  # signal sequences cached per output modality (the LLM pass is the cost)
     save_every: int = 10  # checkpoints, for resuming an interrupted stage
     seed: int = 0
 
@@ -90,9 +95,9 @@ class DefaultSettings:
     def stage_fingerprint(self, stage: str, components: dict, model_config: Optional[dict] = None) -> str:
         """What a stage's result depends on: its settings, the data, the components (their
         ``toy_component.json``) and the model config."""
-        s1 = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "seed")
+        s1 = ("items", "dialogues", "qa_turns", "stage1_steps", "stage1_batch", "stage1_lr", "seed")
         s2 = (*s1, "stage2_steps", "stage2_batch", "stage2_lr", "stage2_projector_lr", "lora")
-        keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr")}[stage]
+        keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr", "align_examples")}[stage]
         data = {"settings": {k: getattr(self, k) for k in keys},
                 "components": {k: (v or {}).get("build_id") for k, v in components.items()},
                 "model_config": model_config or {}}
@@ -134,6 +139,19 @@ def _single_turn(user: str, reply: str, media: Optional[tuple[str, str]] = None,
     return row
 
 
+def _qa_conversation(row: dict, turns: int, rng: np.random.Generator) -> dict:
+    """The QA item's question, then up to ``turns - 1`` more about other attributes of the
+    same media (LLaVA-style multi-turn): one encoding of the media serves several answers."""
+    spec = world.spec_from_dict(row["spec"])
+    others = [a for a in world.attribute_values(spec.modality) if a != row["attribute"]]
+    extra = [others[i] for i in rng.permutation(len(others))[:int(rng.integers(turns))]]
+    conv = _single_turn(row["question"], row["answer"], (row["modality"], row["path"]))
+    for attribute in extra:
+        q, a, _ = world.question_answer(spec, attribute, rng)
+        conv["conversations"] += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return conv
+
+
 DESCRIBE = {m: (f"Describe the {m}.", f"What is in this {m}?", "Describe it briefly.") for m in world.MODALITIES}
 
 
@@ -145,8 +163,8 @@ def write_data(directory: Path, settings: DefaultSettings) -> dict[str, list[str
     modalities), one generation file.
     """
     marker = directory / DONE
-    wanted = {"items": settings.items, "dialogues": settings.dialogues, "seed": settings.seed,
-              "frames": VIDEO_FRAMES}
+    wanted = {"items": settings.items, "dialogues": settings.dialogues, "qa_turns": settings.qa_turns,
+              "seed": settings.seed, "frames": VIDEO_FRAMES}
     if not (marker.is_file() and json.loads(marker.read_text()).get("settings") == wanted):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
@@ -175,7 +193,7 @@ def _write_stage_files(directory: Path, settings: DefaultSettings) -> None:
     # grouped by input modality ("text": no input media).
     groups: dict[str, list] = {m: [] for m in (*world.MODALITIES, "text")}
     for r in _read_jsonl(directory / "qa.jsonl"):
-        groups[r["modality"]].append(_single_turn(r["question"], r["answer"], (r["modality"], r["path"])))
+        groups[r["modality"]].append(_qa_conversation(r, settings.qa_turns, rng))
     for r in captions[::2]:  # half the captions become "describe it" turns
         m = r["modality"]
         reply = r["caption"][0].upper() + r["caption"][1:]
@@ -222,11 +240,12 @@ def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, ma
     log(f"{name}: training {cfg.steps} steps into {out}" + (" (resuming)" if resume else ""))
     t0 = time.time()
     result = train(cfg, model=make_model())
+    run_losses, steps, bad_rows = result.losses, result.steps, result.bad_rows
     # First and last quarter of the run (at most 20 steps each): whole cycles of the
     # alternating sources, so the two means compare like with like.
-    losses = loss_summary(result.losses, 20) if result.losses else {"first_loss": None, "final_loss": None}
-    info = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 1), "steps": result.steps, **losses,
-            "bad_rows": result.bad_rows, "resumed": bool(resume)}
+    losses = loss_summary(run_losses, 20) if run_losses else {"first_loss": None, "final_loss": None}
+    info = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 1), "steps": steps, **losses,
+            "bad_rows": bad_rows, "resumed": bool(resume)}
     (out / DONE).write_text(json.dumps(info, indent=1))
     log(f"{name}: done in {info['seconds']:.0f} s, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}")
     return info
@@ -247,7 +266,8 @@ def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[st
     model = load_model(str(stage2)).to(device)
     result = align_output_projectors(model, conversations=conversations, data_root=str(Path(conversations[0]).parent),
                                      steps=settings.align_steps, batch_size=settings.align_batch,
-                                     lr=settings.align_lr, seed=settings.seed, progress=progress)
+                                     lr=settings.align_lr, seed=settings.seed, progress=progress,
+                                     max_examples=settings.align_examples)
     model.save_pretrained(out / "model")
     info = {"fingerprint": fingerprint, "seconds": result.seconds, "steps": result.steps,
             "first_loss": result.first_loss, "final_loss": result.final_loss, "examples": result.examples,
@@ -277,7 +297,8 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
     import torch
 
     from mmllm import MMLLM
-    from mmllm.config import LoraConfig
+    from mmllm.config import LoraConfig, MMLLMConfig
+    from mmllm.model import CONFIG_NAME
     from mmllm.training import load_model
 
     from .preset import toy_config
@@ -301,8 +322,10 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
                   save_every=settings.save_every, warmup_ratio=0.05, data_root=str(root / "data"))
     s1, s2 = root / "runs" / "stage1", root / "runs" / "stage2"
     # The whole model config (preset choices included), not just the overrides: a changed
-    # preset retrains the stages.
-    model_config = toy_config(root, **(config_overrides or {})).to_dict()
+    # preset retrains the stages. Paths relative to the model dir, so a moved or symlinked
+    # root keeps its fingerprints.
+    final = model_dir(root)
+    model_config = toy_config(root, **(config_overrides or {})).relative_to(final).to_dict()
     fp1 = settings.stage_fingerprint("stage1", components, model_config)
     fp2 = settings.stage_fingerprint("stage2", components, model_config)
 
@@ -314,8 +337,8 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
         "stage 1", s1, fp1,
         lambda resume: _train_config(stage="stage1", model="toy", out=str(s1), captions=files["captions"],
                                      generation=files["generation"], steps=settings.stage1_steps,
-                                     batch_size=settings.stage1_batch, lr=settings.stage1_lr, resume=resume,
-                                     **common),
+                                     batch_size=settings.stage1_batch, lr=settings.stage1_lr,
+                                     resume=resume, **common),
         model_for_stage1, log)
     timings["stage1"] = round(time.time() - t, 1)
 
@@ -336,7 +359,6 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
     info3 = _run_align(s3, fp3, s2, files["requests"], settings, device, progress, log)
     timings["align"] = round(time.time() - t, 1)
 
-    final = model_dir(root)
     built = json.loads((final / BUILD_INFO).read_text()) if is_built(root) else {}
     if force or built.get("align") != fp3:
         from mmllm.fileio import atomic_directory
@@ -344,6 +366,10 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
         with atomic_directory(final) as tmp:
             for f in (s3 / "model").iterdir():
                 shutil.copy2(f, tmp / f.name)
+            # The stage dirs name the components by absolute path; the model dir names its
+            # siblings relatively (MMLLMConfig.relative_to), so the whole root can move.
+            config = MMLLMConfig.from_json(s3 / "model" / CONFIG_NAME).resolved(s3 / "model")
+            config.relative_to(final).to_json(tmp / CONFIG_NAME)
             info = {"stage1": fp1, "stage2": fp2, "align": fp3, "settings": asdict(settings), "device": str(device),
                     "torch_threads": torch.get_num_threads(), "fast": fast, "timings_s": timings,
                     "stage1_run": info1, "stage2_run": info2, "align_run": info3,

@@ -78,6 +78,9 @@ def toy_config(root: Optional[str | os.PathLike] = None, **overrides) -> MMLLMCo
     data = {
         "name": "toy",
         "max_length": 1024,
+        # Shorter than SmolLM2's default system prompt (~20 tokens): every training example
+        # and every request carries it, and on a CPU each token costs.
+        "system_prompt": "You are a helpful assistant.",
         "llm": {"source": "smollm2", "dtype": "float32"},
         "inputs": {
             "image": {"placeholder": "<image>", "encoder": image, "projector": {"type": "mlp2x_gelu"}},

@@ -51,9 +51,13 @@ class AlignResult:
 
 @torch.no_grad()
 def cache_signal_states(model, generation=None, conversations=None, data_root=None, batch_size: int = 16,
-                        progress: bool = True, report: DataReport | None = None) -> SignalCache:
+                        progress: bool = True, report: DataReport | None = None,
+                        max_examples: int | None = None) -> SignalCache:
     """Run the (frozen) model over the rows and keep, for every signal sequence that has a
-    caption, its last-layer states and the decoder's conditioning of that caption."""
+    caption, its last-layer states and the decoder's conditioning of that caption.
+
+    ``max_examples``: stop reading once every output modality has that many sequences (the
+    LLM pass is the costly part; the projectors then train on the cache for many steps)."""
     from tqdm.auto import tqdm
 
     report = report or DataReport()
@@ -82,6 +86,8 @@ def cache_signal_states(model, generation=None, conversations=None, data_root=No
             targets.setdefault(m, []).append(tb.targets[m].float().cpu())
             if m not in embeds:
                 embeds[m] = e[0].float().cpu()  # (k, D): the same signal rows in every sequence
+        if max_examples and all(sum(len(x) for x in targets.get(m, [])) >= max_examples for m in model.signal_groups):
+            break
     model.train(was_training)
     if not states:
         raise ValueError("no signal sequence with a caption in the data: align_outputs needs generation pairs or "
@@ -93,7 +99,7 @@ def cache_signal_states(model, generation=None, conversations=None, data_root=No
 def align_output_projectors(model, generation=None, conversations=None, data_root=None, steps: int = 1000,
                             batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0,
                             warmup_ratio: float = 0.03, seed: int = 0, cache_batch_size: int = 16,
-                            progress: bool = True) -> AlignResult:
+                            progress: bool = True, max_examples: int | None = None) -> AlignResult:
     """Train the output projectors alone, on cached states (see the module docstring).
 
     Each step takes ``batch_size`` cached sequences of one modality (modalities in turn)
@@ -105,7 +111,8 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
     start = time.time()
     report = DataReport()
     set_trainable(model, "align_outputs")
-    cache = cache_signal_states(model, generation, conversations, data_root, cache_batch_size, progress, report)
+    cache = cache_signal_states(model, generation, conversations, data_root, cache_batch_size, progress, report,
+                                max_examples)
     params = [p for p in model.output_projectors.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, int(steps * warmup_ratio))
