@@ -179,7 +179,10 @@ class HFClipVisionEncoder(Encoder):
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         if cfg.init == "pretrained" and cfg.source and not building_on_meta():
-            self.tower = CLIPVisionModelWithProjection.from_pretrained(cfg.source)
+            # A full CLIPModel checkpoint (openai/clip-*, the toy CLIP) also holds the text
+            # tower: those keys are expected to go unused.
+            self.tower = load_tower(CLIPVisionModelWithProjection, cfg.source,
+                                    unused=("text_model.", "text_projection", "logit_scale"))
         else:
             conf = CLIPVisionConfig(**cfg.arch) if cfg.arch else CLIPVisionConfig.from_pretrained(cfg.source)
             self.tower = CLIPVisionModelWithProjection(conf)
@@ -277,6 +280,34 @@ class HFAudioEncoder(Encoder):
             return out.pooler_output.unsqueeze(1)
         num_prefix = 2 if self.tower.config.model_type == "audio-spectrogram-transformer" else 1
         return _select_tokens(out.hidden_states[self.cfg.feature_layer], self.cfg.features, num_prefix)
+
+
+def load_tower(cls, source: str, unused: tuple[str, ...] = ()) -> nn.Module:
+    """``cls.from_pretrained(source)`` without transformers' load-report table, checked here:
+    weights the tower needs but the checkpoint lacks are an error (they would stay random);
+    unused checkpoint keys other than the ``unused`` prefixes get a one-line warning."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tower, info = cls.from_pretrained(source, output_loading_info=True)
+    except RuntimeError as err:  # weights of other shapes: another architecture or size
+        raise ValueError(f"{source!r} does not hold {cls.__name__} weights of the shapes its config gives ({err}); "
+                         "point the encoder's source at a checkpoint of that architecture") from err
+    finally:
+        hf_logging.set_verbosity(level)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(f"{source!r} lacks {len(missing)} weight(s) of {cls.__name__} (e.g. {missing[:3]}); point "
+                         "the encoder's source at a checkpoint of that architecture")
+    extra = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(unused))
+    if extra:
+        logging.getLogger("mmllm").warning("%s: %d checkpoint weight(s) unused by %s (e.g. %s)", source, len(extra),
+                                           cls.__name__, extra[:3])
+    return tower
 
 
 def _param_on_meta(module: nn.Module) -> bool:

@@ -75,16 +75,23 @@ class MMLLM(nn.Module):
                     raise ValueError("only one modality can use a gated_prefix projector")
                 self.prefix_attention = PrefixAttention(llm, proj.gates)
         self.output_projectors = nn.ModuleDict()
-        for modality, ocfg in config.outputs.items():
-            shape = self._target_shape(modality)
-            with _seeded(_component_seed(config.seed, "out." + modality)):
-                proj = build_output_projector(ocfg.projector.type, width, shape, ocfg.num_signal_tokens,
-                                              **ocfg.projector.options)
-            self.output_projectors[modality] = proj.to(dtype=next(llm.parameters()).dtype)
+        for modality in config.outputs:
+            self.output_projectors[modality] = self.new_output_projector(modality)
         self.processor = self._make_processor() if tokenizer is not None else None
         self.signal_groups: dict[str, list[int]] = {}  # modality -> its signal-token ids, in order
         if tokenizer is not None and config.outputs:
             self._add_signal_tokens()
+
+    def new_output_projector(self, modality: str) -> nn.Module:
+        """A freshly initialised output projector for ``modality`` (seeded by the config), on
+        the LLM's device and dtype."""
+        ocfg = self.config.outputs[modality]
+        width = self.llm.get_input_embeddings().embedding_dim
+        with _seeded(_component_seed(self.config.seed, "out." + modality)):
+            proj = build_output_projector(ocfg.projector.type, width, self._target_shape(modality),
+                                          ocfg.num_signal_tokens, **ocfg.projector.options)
+        ref = next(self.llm.parameters())
+        return proj.to(device=ref.device if ref.device.type != "meta" else None, dtype=ref.dtype)
 
     def _target_shape(self, modality: str) -> tuple:
         """The decoder's conditioning shape, read from the decoder (or, on meta, from config)."""

@@ -61,6 +61,17 @@ def test_image_encoder_loads_full_clip_checkpoint(root):
     torch.testing.assert_close(mine, pooled)
 
 
+def test_clip_tower_loads_quietly_and_refuses_a_wrong_checkpoint(root, capsys, caplog):
+    """The text tower's keys in a full CLIP checkpoint are expected: no load-report table.
+    A checkpoint without the vision tower's weights is an error, not a random tower."""
+    build_encoder(image_encoder_config(root), "image")
+    captured = capsys.readouterr()
+    assert "LOAD REPORT" not in captured.out + captured.err + caplog.text
+    wrong = EncoderConfig(backend="hf_clip", source=str(root / "image_decoder" / "text_encoder"))
+    with pytest.raises(ValueError, match="point the encoder's source at a checkpoint"):
+        build_encoder(wrong, "image")
+
+
 def test_audio_and_video_encoders(root):
     audio = build_encoder(EncoderConfig(backend="hf_audio", source=str(root / "audio_encoder")), "audio")
     wave = world.render_audio(world.AudioSpec("low", count=2))

@@ -264,3 +264,38 @@ def test_whole_chain_smoke_every_loss_falls(tmp_path):
     spec = world.ImageSpec(colour="red", shape="circle", size="large", position="center", count=1)
     out = model.generate("What is in this picture?", image=world.render_image(spec), max_new_tokens=8)
     assert isinstance(out.text, str) and out.text.strip()
+
+
+# --------------------------------------------------------------------------- recipe comparison
+
+
+def test_recipe_variants_train_what_they_name(built, tmp_path):
+    """Each variant is a real short run with its own TrainConfig fields and model overrides,
+    scored held-in and held-out; scripts/compare_recipes.py parses the same variants."""
+    import importlib.util
+    from pathlib import Path
+
+    from mmllm.toy.mmllm_build import write_data
+    from mmllm.toy.recipes import compare, split_variant, table
+
+    spec = importlib.util.spec_from_file_location("compare_recipes", Path(__file__).parents[1] / "scripts" /
+                                                  "compare_recipes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    name, linear = script.parse_variant("linear: lr=6e-3 inputs.image.projector.type=linear")
+    assert (name, linear) == ("linear", {"lr": 0.006, "inputs.image.projector.type": "linear"})
+    assert split_variant(linear) == ({"lr": 0.006}, {"inputs.image.projector.type": "linear"})
+    assert split_variant({"stage": "stage2"})[0]["lora"]["r"] == 16  # stage 2 gets adapters
+
+    root, _ = built
+    files = write_data(root / "data", DefaultSettings.fast())
+    rows = compare({"linear": linear, "lora": {"stage": "stage2", "lr": 1e-3}}, tmp_path, log=lambda _: None,
+                   modality="image", steps=2, batch_size=2, n=4, root=root, data=files, config_overrides=TINY_LLM)
+    assert [r["variant"] for r in rows] == ["linear", "lora"]
+    for r in rows:
+        assert set(r["held_out"]) == {"colour", "shape", "size", "position", "count", "all"}
+        assert all(0.0 <= v <= 1.0 for v in (*r["held_in"].values(), *r["held_out"].values()))
+    saved = [json.loads((tmp_path / n / "model" / "config.json").read_text()) for n in ("linear", "lora")]
+    assert saved[0]["inputs"]["image"]["projector"]["type"] == "linear" and saved[0]["llm"]["lora"] is None
+    assert saved[1]["inputs"]["image"]["projector"]["type"] == "mlp2x_gelu" and saved[1]["llm"]["lora"]["r"] == 16
+    assert table(rows).count("\n") == 3

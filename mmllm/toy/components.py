@@ -86,8 +86,6 @@ class BuildSettings:
     # Loss weight of foreground pixels (shapes, tones) relative to the background: objects
     # cover a few percent of a frame, so an unweighted MSE learns layout but not colour or shape.
     foreground_weight: float = 10.0
-    # Min-SNR-gamma loss weighting of the denoisers (None: plain noise-prediction MSE).
-    min_snr_gamma: Optional[float] = None
 
     @classmethod
     def fast(cls) -> "BuildSettings":
@@ -468,16 +466,7 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         noisy = scheduler.add_noise(x0, noise, t)
         pred = unet(to_unet(noisy), t.to(device), encoder_hidden_states=cond).sample
         err = (pred - to_unet(noise)) ** 2
-        if weights is not None:
-            err = to_unet(weights[idx].to(device).expand_as(x0)) * err
-        if settings.min_snr_gamma:
-            # Min-SNR-gamma (Hang et al. 2023; NExT-GPT uses gamma 5): for noise prediction,
-            # weight min(SNR, gamma) / SNR per sample, so the many easy low-noise steps do not
-            # dominate the gradient.
-            snr = alphas[t] / (1 - alphas[t])
-            w = (snr.clamp(max=settings.min_snr_gamma) / snr).to(device)
-            err = err * w.view(-1, *([1] * (err.dim() - 1)))
-        loss = err.mean()
+        loss = err.mean() if weights is None else (to_unet(weights[idx].to(device).expand_as(x0)) * err).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -99,17 +99,22 @@ def cache_signal_states(model, generation=None, conversations=None, data_root=No
 def align_output_projectors(model, generation=None, conversations=None, data_root=None, steps: int = 1000,
                             batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0,
                             warmup_ratio: float = 0.03, seed: int = 0, cache_batch_size: int = 16,
-                            progress: bool = True, max_examples: int | None = None) -> AlignResult:
+                            progress: bool = True, max_examples: int | None = None,
+                            reinit: bool = False) -> AlignResult:
     """Train the output projectors alone, on cached states (see the module docstring).
 
     Each step takes ``batch_size`` cached sequences of one modality (modalities in turn)
     and minimises the MSE to the decoder's conditioning, as ``TrainingModule`` does.
-    Returns the losses (first and last tenth of the run), counts and timing.
+    ``reinit`` starts the projectors from a fresh (seeded) initialisation instead of their
+    trained state. Returns the losses (first and last tenth of the run), counts and timing.
     """
     from tqdm.auto import tqdm
 
     start = time.time()
     report = DataReport()
+    if reinit:  # fit the projectors to the cache from a fresh start, whatever earlier stages left
+        for m in list(model.output_projectors):
+            model.output_projectors[m] = model.new_output_projector(m)
     set_trainable(model, "align_outputs")
     cache = cache_signal_states(model, generation, conversations, data_root, cache_batch_size, progress, report,
                                 max_examples)
