@@ -365,3 +365,26 @@ def _no_generation_file(data):
     path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"},
                                                    {"from": "gpt", "value": "Hello."}]}]))
     return str(path)
+
+
+def test_align_reinit_starts_from_the_seeded_initialisation_and_caps_the_cache(base_model, data, fresh):
+    """reinit=True replaces trained output projectors by freshly seeded ones before fitting
+    (lr 0 keeps them there); max_examples stops the LLM pass early."""
+    from mmllm.training import align_output_projectors, cache_signal_states
+
+    model = fresh(base_model)
+    with torch.no_grad():
+        for p in model.output_projectors.parameters():
+            p.add_(1.0)  # a "trained" state far from the initialisation
+    align_output_projectors(model, generation=data["generation"], data_root=data["root"], steps=1, batch_size=4,
+                            lr=0.0, progress=False, reinit=True)
+    for m, proj in model.output_projectors.items():
+        init = model.new_output_projector(m).state_dict()
+        assert all(torch.equal(v, init[k]) for k, v in proj.state_dict().items())
+        assert all(p.requires_grad for p in proj.parameters())
+    full = cache_signal_states(model, generation=data["generation"], data_root=data["root"], batch_size=1,
+                               progress=False)
+    capped = cache_signal_states(model, generation=data["generation"], data_root=data["root"], batch_size=1,
+                                 progress=False, max_examples=1)
+    assert all(1 <= n < full.counts()[m] for m, n in capped.counts().items()) or \
+        all(n == 1 for n in full.counts().values())
