@@ -87,9 +87,10 @@ class MMLLM(nn.Module):
         the LLM's device and dtype."""
         ocfg = self.config.outputs[modality]
         width = self.llm.get_input_embeddings().embedding_dim
+        shape = self._target_shape(modality)  # outside the seeded block: it may build the decoder
         with _seeded(_component_seed(self.config.seed, "out." + modality)):
-            proj = build_output_projector(ocfg.projector.type, width, self._target_shape(modality),
-                                          ocfg.num_signal_tokens, **ocfg.projector.options)
+            proj = build_output_projector(ocfg.projector.type, width, shape, ocfg.num_signal_tokens,
+                                          **ocfg.projector.options)
         ref = next(self.llm.parameters())
         return proj.to(device=ref.device if ref.device.type != "meta" else None, dtype=ref.dtype)
 

@@ -59,7 +59,7 @@ class DefaultSettings:
     items: int = 1000  # per modality: caption pairs, generation pairs and QA items
     dialogues: int = 300  # multi-turn LLaVA dialogues
     qa_turns: int = 3  # stage-2 QA conversations ask 1 to qa_turns questions about one item
-    # Learning rates from 120-step sweeps on image captions (docs/RESULTS.md, "Recipe"):
+    # Learning rates from 120-step sweeps on image captions (docs/RESULTS.md, "Where the gap was"):
     # a frozen LLM's projectors learn far faster at 1e-2 than at LLaVA's 1e-3 in so few
     # steps, and LoRA from stage 2 on lifts every attribute, so stage 2 gets most steps.
     stage1_steps: int = 120
@@ -245,12 +245,11 @@ def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, ma
     log(f"{name}: training {cfg.steps} steps into {out}" + (" (resuming)" if resume else ""))
     t0 = time.time()
     result = train(cfg, model=make_model())
-    run_losses, steps, bad_rows = result.losses, result.steps, result.bad_rows
     # First and last quarter of the run (at most 20 steps each): whole cycles of the
     # alternating sources, so the two means compare like with like.
-    losses = loss_summary(run_losses, 20) if run_losses else {"first_loss": None, "final_loss": None}
-    info = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 1), "steps": steps, **losses,
-            "bad_rows": bad_rows, "resumed": bool(resume)}
+    losses = loss_summary(result.losses, 20) if result.losses else {"first_loss": None, "final_loss": None}
+    info = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 1), "steps": result.steps, **losses,
+            "bad_rows": result.bad_rows, "resumed": bool(resume)}
     (out / DONE).write_text(json.dumps(info, indent=1))
     log(f"{name}: done in {info['seconds']:.0f} s, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}")
     return info
