@@ -28,22 +28,18 @@ import torch
 from . import oracle, world
 from .components import default_root
 
-# Keys of a variant that are TrainConfig fields; every other key is a model-config override.
-LORA_DEFAULT = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-
-
 def split_variant(variant: dict) -> tuple[dict, dict]:
-    """(TrainConfig fields, model-config overrides) of a variant; ``lora: true`` means
-    ``LORA_DEFAULT`` (stage 2 needs adapters)."""
+    """(TrainConfig fields, model-config overrides) of a variant; ``lora: true`` (and stage 2,
+    which needs adapters) means the toy build's own LoRA settings (``DefaultSettings.lora``)."""
     from mmllm.training import TrainConfig
+
+    from .mmllm_build import DefaultSettings
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     train = {k: v for k, v in variant.items() if k in fields}
     overrides = {k: v for k, v in variant.items() if k not in fields}
-    if train.get("lora") is True:
-        train["lora"] = dict(LORA_DEFAULT)
-    if train.get("stage") == "stage2" and not train.get("lora"):
-        train["lora"] = dict(LORA_DEFAULT)
+    if train.get("lora") is True or (train.get("stage") == "stage2" and not train.get("lora")):
+        train["lora"] = DefaultSettings().lora
     return train, overrides
 
 
