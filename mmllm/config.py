@@ -151,7 +151,8 @@ class ProjectorConfig(JsonConfig):
     """A trainable projector, by registry name, with its keyword options.
 
     Input projectors (``projectors.INPUT_PROJECTORS``): ``linear``, ``mlp2x_gelu``,
-    ``resampler`` (options: num_queries, depth, heads) and ``gated_prefix``
+    ``flatten_mlp`` (options: num_tokens, hidden, summary_token), ``resampler`` (options: num_queries,
+    depth, heads) and ``gated_prefix``
     (options: prompt_len, num_layers).
     Output projectors (``projectors.OUTPUT_PROJECTORS``): ``linear`` and ``transformer``.
     """

@@ -11,6 +11,7 @@ from mmllm.registry import Registry
 INPUT_PROJECTORS = Registry("input projector")
 INPUT_PROJECTORS.register("linear", "projectors.input:LinearProjector")
 INPUT_PROJECTORS.register("mlp2x_gelu", "projectors.input:MLPProjector")
+INPUT_PROJECTORS.register("flatten_mlp", "projectors.input:FlattenMLPProjector")
 INPUT_PROJECTORS.register("resampler", "projectors.input:ResamplerProjector")
 INPUT_PROJECTORS.register("gated_prefix", "projectors.input:GatedPrefixProjector")
 

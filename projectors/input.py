@@ -43,6 +43,53 @@ class MLPProjector(InputProjector):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+class FlattenMLPProjector(InputProjector):
+    """All of the encoder's tokens flattened into one vector, then an MLP to ``num_tokens``
+    LLM tokens (C-Abstractor / LDP-style token compression, here as one dense map).
+
+    A per-token projector hands the LLM one token per patch, and the LLM's attention must
+    find the patch that holds the object before it can name the object's shape; a map over
+    all tokens reads such position-dependent features directly and hands over fewer tokens.
+    It needs the encoder's token count to be fixed (``num_in_tokens``), which holds for
+    fixed-size images, fixed-length audio and a fixed number of frames.
+
+    A dense map over positions can also learn combinations rather than attributes (on the
+    toy world's held-out colour x direction videos it named the colour seen in training
+    with that direction). ``hidden=0`` makes the map one linear layer; ``summary_token=True`` puts one position-invariant token first:
+    the mean of all encoder tokens through its own ``mlp2x_gelu``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_in_tokens: int, num_tokens: int = 4,
+                 hidden: int | None = None, summary_token: bool = False):
+        super().__init__()
+        if num_tokens < 1:
+            raise ValueError(f"flatten_mlp needs num_tokens >= 1, got {num_tokens}")
+        self.num_in_tokens = num_in_tokens
+        self.num_tokens = num_tokens
+        hidden = out_dim if hidden is None else hidden
+        self.norm = nn.LayerNorm(in_dim)
+        if hidden:
+            self.mlp = nn.Sequential(nn.Linear(num_in_tokens * in_dim, hidden), nn.GELU(),
+                                     nn.Linear(hidden, num_tokens * out_dim))
+        else:  # hidden=0: one linear map
+            self.mlp = nn.Linear(num_in_tokens * in_dim, num_tokens * out_dim)
+        self.summary = MLPProjector(in_dim, out_dim, 1) if summary_token else None
+
+    def num_output_tokens(self, num_in_tokens: int) -> int:
+        return self.num_tokens + (self.summary is not None)
+
+    def forward(self, x):
+        if x.shape[1] != self.num_in_tokens:
+            raise ValueError(f"flatten_mlp was built for {self.num_in_tokens} encoder tokens but got {x.shape[1]}; "
+                             "it needs a fixed token count (fixed image size, audio length and frame count), or "
+                             "use a per-token projector (mlp2x_gelu) or the resampler")
+        flat = self.norm(x).flatten(1)  # (B, N * D_enc)
+        tokens = self.mlp(flat).view(x.shape[0], self.num_tokens, -1)
+        if self.summary is None:
+            return tokens
+        return torch.cat([self.summary(x.mean(1, keepdim=True)), tokens], dim=1)
+
+
 class ResamplerProjector(InputProjector):
     """Learned queries cross-attend to the features: a fixed ``num_queries`` tokens out,
     whatever the encoder's token count (Perceiver/Q-Former style)."""

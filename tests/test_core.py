@@ -69,6 +69,43 @@ def test_resampler_gives_fixed_token_count():
     assert torch.isfinite(logits).all()
 
 
+def test_flatten_mlp_reads_all_tokens_and_gives_fixed_count():
+    model = mmllm.load("tiny", inputs={"image": {"projector": {"type": "flatten_mlp", "options": {"num_tokens": 2}}}},
+                       outputs={})
+    assert model.processor.modalities["image"].num_tokens == 2
+    batch, logits = _logits(model, [_user("<image>\nhi")], [{"image": [_image()]}])
+    assert int((batch.input_ids == model.processor.modalities["image"].token_id).sum()) == 2
+    assert torch.isfinite(logits).all()
+    proj = model.input_projectors["image"]
+    n, d = proj.num_in_tokens, model.encoders["image"].hidden_size
+    x = torch.randn(1, n, d)
+    y = x.clone()
+    y[0, n - 1] += 1.0  # change only the last encoder token...
+    with torch.no_grad():
+        delta = (proj(x) - proj(y)).abs().amax(-1)
+    assert (delta > 0).all()  # ...and every output token sees it (a per-token map would not)
+    with pytest.raises(ValueError, match="fixed token count"):
+        proj(torch.randn(1, n + 1, d))
+    from projectors import build_input_projector
+
+    linear = build_input_projector("flatten_mlp", d, 12, n, num_tokens=3, hidden=0)
+    assert isinstance(linear.mlp, torch.nn.Linear)  # hidden=0: one linear map
+    assert linear(x).shape == (1, 3, 12)
+
+
+def test_flatten_mlp_summary_token_is_position_invariant():
+    over = {"inputs": {"image": {"projector": {"type": "flatten_mlp",
+                                               "options": {"num_tokens": 2, "summary_token": True}}}}, "outputs": {}}
+    model = mmllm.load("tiny", **over)
+    assert model.processor.modalities["image"].num_tokens == 3  # the summary token first, then the flat ones
+    proj = model.input_projectors["image"]
+    x = torch.randn(1, proj.num_in_tokens, model.encoders["image"].hidden_size)
+    shuffled = x[:, torch.randperm(x.shape[1])]
+    with torch.no_grad():
+        a, b = proj(x), proj(shuffled)
+    torch.testing.assert_close(a[:, 0], b[:, 0])  # the summary ignores where things are...
+    assert not torch.allclose(a[:, 1:], b[:, 1:])  # ...the flat tokens do not
+
 def test_gated_prefix_is_identity_at_init():
     over = {"inputs": {"image": {"projector": {"type": "gated_prefix", "options": {"prompt_len": 3, "num_layers": 2}}}},
             "outputs": {}}
