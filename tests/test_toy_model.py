@@ -297,5 +297,22 @@ def test_recipe_variants_train_what_they_name(built, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in (*r["held_in"].values(), *r["held_out"].values()))
     saved = [json.loads((tmp_path / n / "model" / "config.json").read_text()) for n in ("linear", "lora")]
     assert saved[0]["inputs"]["image"]["projector"]["type"] == "linear" and saved[0]["llm"]["lora"] is None
-    assert saved[1]["inputs"]["image"]["projector"]["type"] == "mlp2x_gelu" and saved[1]["llm"]["lora"]["r"] == 16
+    assert saved[1]["inputs"]["image"]["projector"]["type"] == "flatten_mlp" and saved[1]["llm"]["lora"]["r"] == 16
     assert table(rows).count("\n") == 3
+
+
+# --------------------------------------------------------------------------- the built default (-m toy_default)
+
+
+@pytest.mark.toy_default
+@pytest.mark.parametrize("colour,shape", [("red", "circle"), ("blue", "square"), ("purple", "cross")])
+def test_default_names_colour_and_shape_of_a_toy_image(colour, shape):
+    """Issue #6's newcomer check on the trained default (built first when missing): asked
+    what is in a toy picture, it names the picture's colour and shape."""
+    if not is_built():
+        build_default(progress=False)
+    model = mmllm.load(str(model_dir()))
+    spec = world.ImageSpec(colour=colour, shape=shape, size="large", position="center", count=1)
+    out = model.generate("What is in this picture?", image=world.render_image(spec), max_new_tokens=24)
+    found = oracle.analyse_text(out.text, "image")
+    assert (found.get("colour"), found.get("shape")) == (colour, shape), out.text

@@ -51,9 +51,9 @@ HINT = "the toy default is not built; run `python scripts/build_default.py` (~30
 class DefaultSettings:
     """Data sizes and training settings of the toy MMLLM.
 
-    With the defaults, both stages and the align step took 57 minutes on a 2-core CPU
-    (2026-11-30; docs/RESULTS.md has the measured times); ``DefaultSettings.fast()`` is a
-    few steps, for tests.
+    With the defaults, both stages and the align step took 73 minutes on a 2-core CPU
+    (2026-11-30, with another job beside it for 20 of them; docs/RESULTS.md has the measured
+    times); ``DefaultSettings.fast()`` is a few steps, for tests.
     """
 
     items: int = 1000  # per modality: caption pairs, generation pairs and QA items
@@ -65,7 +65,7 @@ class DefaultSettings:
     stage1_steps: int = 120
     stage1_batch: int = 16
     stage1_lr: float = 1e-2
-    stage2_steps: int = 700
+    stage2_steps: int = 1200  # about 300 batches per input modality (alternating files)
     stage2_batch: int = 8
     stage2_lr: float = 1e-3  # LoRA and signal rows
     stage2_projector_lr: float = 6e-3  # the projectors keep learning with LoRA
