@@ -21,7 +21,24 @@ OUTPUT_PROJECTORS.register("transformer", "projectors.output:TransformerOutputPr
 
 
 def build_input_projector(name: str, in_dim: int, out_dim: int, num_in_tokens: int, **options):
-    return INPUT_PROJECTORS.get(name)(in_dim, out_dim, num_in_tokens, **options)
+    cls = INPUT_PROJECTORS.get(name)
+    _check_options(name, cls, options, ("in_dim", "out_dim", "num_in_tokens"))
+    return cls(in_dim, out_dim, num_in_tokens, **options)
+
+
+def _check_options(name: str, cls, options: dict, positional: tuple) -> None:
+    """A clear error for options the projector does not take (e.g. a type changed with a
+    dotted override such as ``inputs.image.projector.type=linear``, keeping the old options)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [p for p in params if p not in ("self", *positional)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"projector {name!r} does not take option(s) {unknown} (its options: {valid or 'none'}); "
+                         "when changing a projector's type, set its options too, e.g. projector.options={}")
 
 
 def build_output_projector(name: str, llm_dim: int, target_shape: tuple, num_signal_tokens: int, **options):

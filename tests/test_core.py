@@ -88,6 +88,8 @@ def test_flatten_mlp_reads_all_tokens_and_gives_fixed_count():
         proj(torch.randn(1, n + 1, d))
     from projectors import build_input_projector
 
+    with pytest.raises(ValueError, match="does not take option"):
+        build_input_projector("linear", d, 12, n, num_tokens=3)  # a type changed, its old options kept
     linear = build_input_projector("flatten_mlp", d, 12, n, num_tokens=3, hidden=0)
     assert isinstance(linear.mlp, torch.nn.Linear)  # hidden=0: one linear map
     assert linear(x).shape == (1, 3, 12)
