@@ -6,6 +6,8 @@
 ``(B, *target_shape)``.
 """
 
+import inspect
+
 from mmllm.registry import Registry
 
 INPUT_PROJECTORS = Registry("input projector")
@@ -29,8 +31,6 @@ def build_input_projector(name: str, in_dim: int, out_dim: int, num_in_tokens: i
 def _check_options(name: str, cls, options: dict, positional: tuple) -> None:
     """A clear error for options the projector does not take (e.g. a type changed with a
     dotted override such as ``inputs.image.projector.type=linear``, keeping the old options)."""
-    import inspect
-
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return

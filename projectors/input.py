@@ -55,8 +55,9 @@ class FlattenMLPProjector(InputProjector):
 
     A dense map over positions can also learn combinations rather than attributes (on the
     toy world's held-out colour x direction videos it named the colour seen in training
-    with that direction). ``hidden=0`` makes the map one linear layer; ``summary_token=True`` puts one position-invariant token first:
-    the mean of all encoder tokens through its own ``mlp2x_gelu``.
+    with that direction). ``hidden=0`` makes the map one linear layer;
+    ``summary_token=True`` puts one position-invariant token first: the mean of all
+    encoder tokens through its own ``mlp2x_gelu``.
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_in_tokens: int, num_tokens: int = 4,

@@ -108,6 +108,7 @@ def test_flatten_mlp_summary_token_is_position_invariant():
     torch.testing.assert_close(a[:, 0], b[:, 0])  # the summary ignores where things are...
     assert not torch.allclose(a[:, 1:], b[:, 1:])  # ...the flat tokens do not
 
+
 def test_gated_prefix_is_identity_at_init():
     over = {"inputs": {"image": {"projector": {"type": "gated_prefix", "options": {"prompt_len": 3, "num_layers": 2}}}},
             "outputs": {}}
