@@ -101,8 +101,14 @@ def expand_dotted(overrides: dict) -> dict:
 
 
 def deep_merge(base: dict, over: dict) -> dict:
-    """Recursive dict merge; ``over`` wins. A ``None`` value in ``over`` deletes the key from a dict of entries."""
+    """Recursive dict merge; ``over`` wins. A ``None`` value in ``over`` deletes the key from a dict of entries.
+
+    An override that changes a component's ``type`` drops the old options (they belong to
+    the old type: ``inputs.image.projector.type=linear``); options given with it are its own.
+    """
     out = copy.deepcopy(base)
+    if "type" in over and over["type"] != out.get("type"):
+        out.pop("options", None)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)

@@ -31,6 +31,18 @@ def test_overrides_dotted_and_nested():
     assert cfg.replace(**{"inputs.audio.projector.type": "resampler"}).inputs["audio"].projector.type == "resampler"
 
 
+def test_type_override_drops_the_old_types_options():
+    flat = {"type": "flatten_mlp", "options": {"num_tokens": 4}}
+    cfg = MMLLMConfig.from_preset("tiny", inputs={"image": {"projector": flat}})
+    assert cfg.inputs["image"].projector.options == {"num_tokens": 4}
+    linear = cfg.replace(**{"inputs.image.projector.type": "linear"}).inputs["image"].projector
+    assert (linear.type, linear.options) == ("linear", {})  # the options belonged to flatten_mlp
+    same = cfg.replace(**{"inputs.image.projector.type": "flatten_mlp"}).inputs["image"].projector
+    assert same.options == {"num_tokens": 4}  # same type: options kept
+    given = cfg.replace(**{"inputs.image.projector": {"type": "resampler", "options": {"num_queries": 2}}})
+    assert given.inputs["image"].projector.options == {"num_queries": 2}
+
+
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(KeyError, match="valid keys"):
         MMLLMConfig.from_preset("tiny", llm={"dtyp": "float32"})

@@ -101,23 +101,13 @@ def run_variant(name: str, variant: dict, out: str | os.PathLike, modality: str 
 
         settings["lora"] = LoraConfig(**settings["lora"])
     cfg = TrainConfig(**settings)
-    model = MMLLM.from_config(_variant_config(toy_config(root, **{**(config_overrides or {}), **overrides}), overrides))
+    model = MMLLM.from_config(toy_config(root, **{**(config_overrides or {}), **overrides}))
     t0 = time.time()
     result = train(cfg, model=model)
     seconds = time.time() - t0
     return {"variant": name, "settings": variant, "seconds": round(seconds, 1), **loss_summary(result.losses, 10),
             "held_in": plain_caption_scores(model, modality, "train", n, seed=seed + 5),
             "held_out": plain_caption_scores(model, modality, "test", n, seed=seed + 5)}
-
-
-def _variant_config(config, overrides: dict):
-    """A variant that changes a projector's type without giving its options starts that
-    projector from no options: the preset's options belong to the preset's type."""
-    for key in overrides:
-        parts = key.split(".")
-        if len(parts) == 4 and parts[2:] == ["projector", "type"] and f"{'.'.join(parts[:3])}.options" not in overrides:
-            getattr(config, parts[0])[parts[1]].projector.options = {}
-    return config
 
 
 def compare(variants: dict[str, dict], out: str | os.PathLike, log: Callable[[str], None] = print,
