@@ -89,6 +89,26 @@ def test_changed_settings_fingerprint_differs():
     assert a.stage_fingerprint("stage1", comps) != a.stage_fingerprint("stage1", comps, TINY_LLM)
 
 
+def test_stage2_mix_gives_the_focus_attribute_its_own_conversations(tmp_path):
+    from mmllm.toy.mmllm_build import write_data
+
+    def image_rows(settings, name):
+        files = write_data(tmp_path / name, settings)
+        path = next(f for f in files["conversations"] if f.endswith("stage2_image.json"))
+        return json.loads(open(path).read())
+
+    plain = image_rows(DefaultSettings(items=12, dialogues=0, describe_share={}, focus_questions={}), "plain")
+    rows = image_rows(DefaultSettings(items=12, dialogues=0, describe_share={"image": 1.0},
+                                      focus_questions={"image": "shape"}), "focus")
+    opening = [r["conversations"][0]["value"].split("\n", 1)[1] for r in rows]
+    shape_questions = set(next(q for m, a, q in world._QUESTIONS if (m, a) == ("image", "shape")))
+    assert sum(q in shape_questions for q in opening) >= 12  # one per QA item, plus any drawn at random
+    assert sum(q.startswith("Describe") or q.startswith("What is in") for q in opening) == 12  # every caption
+    assert len(rows) == 36 and len(plain) < 24
+    for r in rows:  # every row still has its image and alternating turns
+        assert r["image"] and [t["from"] for t in r["conversations"]][:2] == ["human", "gpt"]
+
+
 # --------------------------------------------------------------------------- the metric
 
 
