@@ -4,6 +4,7 @@
     python scripts/evaluate.py --model DIR --split test --n 48
     python scripts/evaluate.py --tasks understanding     # skip generation (no diffusion decoding)
     python scripts/evaluate.py --out report.json         # also write the full report with examples
+    python scripts/evaluate.py --newcomer                # only the README check: every colour x shape, large
 
 Understanding: captions and per-attribute questions on rendered media, read with
 analyse_text. Generation: requests such as "Draw a red circle.", the produced media read
@@ -17,7 +18,7 @@ import json
 import sys
 import time
 
-from mmllm.toy.evaluate import evaluate, table
+from mmllm.toy.evaluate import evaluate, newcomer_check, newcomer_table, table
 
 
 def main(argv=None) -> None:
@@ -34,6 +35,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="requests decoded together")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cpu)")
+    parser.add_argument("--newcomer", action="store_true",
+                        help="only the README's newcomer check: 'What is in this picture?' on every colour x shape")
     parser.add_argument("--out", default=None, help="write the full report (with example answers) as JSON")
     args = parser.parse_args(argv)
 
@@ -41,12 +44,18 @@ def main(argv=None) -> None:
 
     start = time.time()
     model = mmllm.load(args.model, device=args.device)
-    splits = ("train", "test") if args.split == "both" else (args.split,)
-    report = evaluate(model, splits=splits, n=args.n, gen_n=args.gen_n, seed=args.seed, tasks=args.tasks,
-                      modalities=args.modalities, batch=args.batch,
-                      progress=lambda s: print(f"[{time.time() - start:5.0f} s] {s}", file=sys.stderr, flush=True))
+    if args.newcomer:
+        result = newcomer_check(model, batch=args.batch)
+        print(newcomer_table(result))
+        print(f"\n{result['right']} of {result['total']} named right (*: held-out pair)")
+        report = {"newcomer": result, "settings": {"model": args.model}}
+    else:
+        splits = ("train", "test") if args.split == "both" else (args.split,)
+        report = evaluate(model, splits=splits, n=args.n, gen_n=args.gen_n, seed=args.seed, tasks=args.tasks,
+                          modalities=args.modalities, batch=args.batch,
+                          progress=lambda s: print(f"[{time.time() - start:5.0f} s] {s}", file=sys.stderr, flush=True))
+        print(table(report))
     report["settings"].update(model=args.model, seconds=round(time.time() - start, 1))
-    print(table(report))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

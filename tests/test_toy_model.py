@@ -10,7 +10,7 @@ import mmllm  # noqa: F401  (import order: mmllm before pipelines)
 from mmllm import api
 from mmllm.generation import GenerateResult
 from mmllm.toy import oracle, world
-from mmllm.toy.evaluate import chance, evaluate, table
+from mmllm.toy.evaluate import chance, evaluate, newcomer_check, newcomer_table, table
 from mmllm.toy.mmllm_build import BUILD_INFO, HINT, DefaultSettings, build_default, is_built, model_dir
 from pipelines import AudioOutput, ImageOutput, VideoOutput
 
@@ -179,6 +179,16 @@ def test_metric_gives_one_to_the_truth_and_little_to_a_wrong_model():
     assert max(und) <= 0.25
     text = table(good)
     assert "| understanding (qa) | image | colour | 1.00 | 1.00 | 0.17 |" in text
+
+
+def test_newcomer_check_scores_every_colour_and_shape():
+    good = newcomer_check(ScriptedModel(True))
+    assert good["right"] == good["total"] == len(world.COLOURS) * len(world.SHAPES)
+    bad = newcomer_check(ScriptedModel(False))  # always "a green square": right once, on a held-out pair
+    assert bad["right"] == 1 and [r for r in bad["rows"] if r["right"]][0]["held_out"]
+    grid = newcomer_table(bad).splitlines()
+    assert len(grid) == 2 + len(world.COLOURS)
+    assert grid[3] == "| green | green square | yes* | green square | green square |"
 
 
 def test_chance_is_one_over_the_number_of_values():

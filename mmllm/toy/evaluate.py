@@ -179,6 +179,40 @@ def evaluate_dialogues(model, split: str, n: int, seed: int = 0, max_new_tokens:
     return {"success": _mean(successes), "turns": _mean(turns_ok), "examples": examples}
 
 
+NEWCOMER_PROMPT = "What is in this picture?"
+
+
+def newcomer_check(model, prompt: str = NEWCOMER_PROMPT, batch: int = 8, max_new_tokens: int = 24) -> dict:
+    """The README's newcomer check on every colour x shape pair: one large, centred shape in
+    its canonical (un-jittered) rendering, asked ``prompt`` greedily; an answer is right when
+    it names both the colour and the shape. ``{"right", "total", "rows": [...]}``."""
+    specs = [world.ImageSpec(colour=c, shape=s, size="large", position="center", count=1)
+             for c in world.COLOURS for s in world.SHAPES]
+    text_only = {"output_modalities": []} if getattr(model, "output_modalities", ()) else {}
+    answers = _ask(model, [{"prompt": prompt, "image": world.render_image(s)} for s in specs], batch, max_new_tokens,
+                   **text_only)
+    rows = []
+    for s, r in zip(specs, answers):
+        found = oracle.analyse_text(r.text, "image")
+        rows.append({"colour": s.colour, "shape": s.shape, "held_out": world.is_held_out(s), "answer": r.text,
+                     "named": [found.get("colour"), found.get("shape")],
+                     "right": (found.get("colour"), found.get("shape")) == (s.colour, s.shape)})
+    return {"right": sum(r["right"] for r in rows), "total": len(rows), "rows": rows}
+
+
+def newcomer_table(result: dict) -> str:
+    """A markdown grid of ``newcomer_check``: colours down, shapes across; "yes" where the
+    answer was right, otherwise what it named ("-": nothing recognised); ``*`` a held-out pair."""
+    lines = ["| | " + " | ".join(world.SHAPES) + " |", "|---|" + "---|" * len(world.SHAPES)]
+    for colour in world.COLOURS:
+        cells = []
+        for r in (r for r in result["rows"] if r["colour"] == colour):
+            named = "yes" if r["right"] else " ".join(v for v in r["named"] if v) or "-"
+            cells.append(named + ("*" if r["held_out"] else ""))
+        lines.append(f"| {colour} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_n: Optional[int] = None,
              seed: int = 0, tasks: Sequence[str] = ("understanding", "generation"),
              modalities: Sequence[str] = world.MODALITIES, batch: int = 16,

@@ -51,9 +51,9 @@ HINT = "the toy default is not built; run `python scripts/build_default.py` (~30
 class DefaultSettings:
     """Data sizes and training settings of the toy MMLLM.
 
-    With the defaults, both stages and the align step took 73 minutes on a 2-core CPU
-    (2026-11-30, with another job beside it for 20 of them; docs/RESULTS.md has the measured
-    times); ``DefaultSettings.fast()`` is a few steps, for tests.
+    With the defaults, both stages and the align step take about 78 minutes on a 2-core CPU
+    (2026-11-30; docs/RESULTS.md has the measured times); ``DefaultSettings.fast()`` is a few
+    steps, for tests.
     """
 
     items: int = 1000  # per modality: caption pairs, generation pairs and QA items

@@ -114,7 +114,7 @@ def test_chat_in_the_browser(page_url, chromium):
 
 @pytest.fixture(scope="module")
 def toy_url(tmp_path_factory):
-    """The demo serving the trained toy default (built first when missing: ~34 min on 2 CPU
+    """The demo serving the trained toy default (built first when missing: ~100 min on 2 CPU
     cores), greedy so the answers are reproducible."""
     import mmllm
     from demo.chat import Settings
