@@ -257,14 +257,20 @@ class MMLLMConfig(JsonConfig):
 
 
     def _sources(self):
-        """(object, attribute) of every field that may name a local path."""
-        yield self.llm, "source"
-        yield self.llm, "tokenizer"
-        for inp in self.inputs.values():
-            yield inp.encoder, "source"
-            yield inp.encoder, "pretrained"
-        for out in self.outputs.values():
-            yield out.decoder, "source"
+        """(dotted name, object, attribute) of every field that may name a local path."""
+        yield "llm.source", self.llm, "source"
+        yield "llm.tokenizer", self.llm, "tokenizer"
+        for name, inp in self.inputs.items():
+            yield f"inputs.{name}.encoder.source", inp.encoder, "source"
+            yield f"inputs.{name}.encoder.pretrained", inp.encoder, "pretrained"
+        for name, out in self.outputs.items():
+            yield f"outputs.{name}.decoder.source", out.decoder, "source"
+
+    def missing_paths(self) -> dict[str, str]:
+        """``{dotted field: path}`` for every source that is an absolute local path that does
+        not exist (a hub id is never absolute)."""
+        return {name: getattr(obj, attr) for name, obj, attr in self._sources()
+                if getattr(obj, attr) and os.path.isabs(getattr(obj, attr)) and not os.path.exists(getattr(obj, attr))}
 
     def relative_to(self, model_dir: str | os.PathLike) -> "MMLLMConfig":
         """A copy whose local component paths beside ``model_dir`` (anywhere under its parent)
@@ -272,7 +278,7 @@ class MMLLMConfig(JsonConfig):
         can be moved or mounted elsewhere. Hub ids and other paths are kept as they are."""
         base = Path(os.path.abspath(model_dir))
         out = copy.deepcopy(self)
-        for obj, attr in out._sources():
+        for _, obj, attr in out._sources():
             value = getattr(obj, attr)
             if not value or not os.path.isabs(value) or not os.path.exists(value):
                 continue
@@ -287,7 +293,7 @@ class MMLLMConfig(JsonConfig):
         ``model_dir`` (no other source starts that way: hub ids are ``org/name``)."""
         base = os.path.abspath(model_dir)
         out = copy.deepcopy(self)
-        for obj, attr in out._sources():
+        for _, obj, attr in out._sources():
             value = getattr(obj, attr)
             if value and (value.startswith("./") or value.startswith("../") or value in (".", "..")):
                 setattr(obj, attr, os.path.normpath(os.path.join(base, value)))

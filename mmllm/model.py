@@ -400,6 +400,14 @@ class MMLLM(nn.Module):
         config = MMLLMConfig.from_json(path / CONFIG_NAME).resolved(path)
         if overrides:
             config = config.replace(**overrides)
+        missing = config.missing_paths()
+        if missing:
+            field, where = next(iter(missing.items()))
+            raise FileNotFoundError(
+                f"{path / CONFIG_NAME} names {len(missing)} component(s) that are not there, e.g. {field} = {where!r}. "
+                f"A saved model refers to the components beside it relative to itself (../clip), so copy or move "
+                f"the whole tree, not the model directory alone, or give the new place as an override: "
+                f"mmllm.load({str(path)!r}, **{{{field!r}: '/new/path'}})")
         model = cls.from_config(config, dtype=dtype)
         model.load_trainable(load_state_dict(path / WEIGHTS_NAME))
         if device is not None:
