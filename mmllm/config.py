@@ -269,8 +269,8 @@ class MMLLMConfig(JsonConfig):
     def missing_paths(self) -> dict[str, str]:
         """``{dotted field: path}`` for every source that is an absolute local path that does
         not exist (a hub id is never absolute)."""
-        return {name: getattr(obj, attr) for name, obj, attr in self._sources()
-                if getattr(obj, attr) and os.path.isabs(getattr(obj, attr)) and not os.path.exists(getattr(obj, attr))}
+        values = {name: getattr(obj, attr) for name, obj, attr in self._sources()}
+        return {name: v for name, v in values.items() if v and os.path.isabs(v) and not os.path.exists(v)}
 
     def relative_to(self, model_dir: str | os.PathLike) -> "MMLLMConfig":
         """A copy whose local component paths beside ``model_dir`` (anywhere under its parent)

@@ -76,7 +76,8 @@ def test_model_dir_moved_without_its_components_says_how_to_fix_it(built, tmp_pa
     shutil.copytree(path, alone)
     with pytest.raises(FileNotFoundError, match=r"copy or move the whole tree.*inputs\.image\.encoder\.source"):
         mmllm.load(str(alone))
-    overrides = {f"inputs.{m}.encoder.source": str(root / d) for m, d in (("image", "clip"), ("audio", "audio_encoder"))}
+    overrides = {f"inputs.{m}.encoder.source": str(root / d)
+                 for m, d in (("image", "clip"), ("audio", "audio_encoder"))}
     overrides.update({f"outputs.{m}.decoder.source": str(root / f"{m}_decoder") for m in ("image", "audio", "video")})
     model = mmllm.load(str(alone), **overrides)  # the fix the message names
     assert model.config.inputs["image"].encoder.source == str(root / "clip")

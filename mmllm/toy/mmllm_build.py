@@ -44,7 +44,7 @@ from .components import VIDEO_FRAMES, build_components, component_info, default_
 MODEL_DIR = "model"
 BUILD_INFO = "build.json"
 DONE = "done.json"
-HINT = "the toy default is not built; run `python scripts/build_default.py` (~30 min on CPU)"
+HINT = "the toy default is not built; run `python scripts/build_default.py` (~100 min on 2 CPU cores)"
 
 
 @dataclass
@@ -108,7 +108,8 @@ class DefaultSettings:
         """What a stage's result depends on: its settings, the data, the components (their
         ``toy_component.json``) and the model config."""
         s1 = ("items", "dialogues", "qa_turns", "stage1_steps", "stage1_batch", "stage1_lr", "seed")
-        s2 = (*s1, "describe_share", "focus_questions", "stage2_steps", "stage2_batch", "stage2_lr", "stage2_projector_lr", "lora")
+        s2 = (*s1, "describe_share", "focus_questions", "stage2_steps", "stage2_batch", "stage2_lr",
+              "stage2_projector_lr", "lora")
         keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr", "align_examples",
                                                     "align_reinit")}[stage]
         data = {"settings": {k: getattr(self, k) for k in keys},
