@@ -10,7 +10,7 @@ import mmllm  # noqa: F401  (import order: mmllm before pipelines)
 from mmllm import api
 from mmllm.generation import GenerateResult
 from mmllm.toy import oracle, world
-from mmllm.toy.evaluate import chance, evaluate, newcomer_check, newcomer_table, table
+from mmllm.toy.evaluate import NEWCOMER_PROMPT, chance, evaluate, newcomer_check, newcomer_table, table
 from mmllm.toy.mmllm_build import BUILD_INFO, HINT, DefaultSettings, build_default, is_built, model_dir
 from pipelines import AudioOutput, ImageOutput, VideoOutput
 
@@ -358,6 +358,6 @@ def test_default_names_colour_and_shape_of_a_toy_image(colour, shape):
         build_default(progress=False)
     model = mmllm.load(str(model_dir()))
     spec = world.ImageSpec(colour=colour, shape=shape, size="large", position="center", count=1)
-    out = model.generate("What is in this picture?", image=world.render_image(spec), max_new_tokens=24)
+    out = model.generate(NEWCOMER_PROMPT, image=world.render_image(spec), max_new_tokens=24)
     found = oracle.analyse_text(out.text, "image")
     assert (found.get("colour"), found.get("shape")) == (colour, shape), out.text

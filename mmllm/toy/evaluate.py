@@ -74,6 +74,11 @@ def _ask(model, requests: list[dict], batch: int, max_new_tokens: int, **kwargs)
     return results
 
 
+def _text_only(model) -> dict:
+    """Generation kwargs that keep the model from drawing while it answers."""
+    return {"output_modalities": []} if getattr(model, "output_modalities", ()) else {}
+
+
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
@@ -85,8 +90,7 @@ def evaluate_understanding(model, modality: str, split: str, n: int, seed: int =
     specs = [world.sample_spec(rng, modality, split) for _ in range(n)]
     inputs = [render_input(s, rng) for s in specs]
     attrs = list(world.attribute_values(modality))
-    # Text-only: the model must not draw while answering.
-    text_only = {"output_modalities": []} if getattr(model, "output_modalities", ()) else {}
+    text_only = _text_only(model)
     captions = _ask(model, [{"prompt": DESCRIBE[modality], modality: x} for x in inputs], batch, max_new_tokens,
                     **text_only)
     cap_rows = [oracle.score(oracle.analyse_text(r.text, modality), s) for r, s in zip(captions, specs)]
@@ -188,9 +192,8 @@ def newcomer_check(model, prompt: str = NEWCOMER_PROMPT, batch: int = 8, max_new
     it names both the colour and the shape. ``{"right", "total", "rows": [...]}``."""
     specs = [world.ImageSpec(colour=c, shape=s, size="large", position="center", count=1)
              for c in world.COLOURS for s in world.SHAPES]
-    text_only = {"output_modalities": []} if getattr(model, "output_modalities", ()) else {}
     answers = _ask(model, [{"prompt": prompt, "image": world.render_image(s)} for s in specs], batch, max_new_tokens,
-                   **text_only)
+                   **_text_only(model))
     rows = []
     for s, r in zip(specs, answers):
         found = oracle.analyse_text(r.text, "image")
