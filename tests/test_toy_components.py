@@ -8,7 +8,7 @@ import mmllm  # noqa: F401  (import order: mmllm before pipelines)
 from mmllm.config import DecoderConfig, EncoderConfig, MMLLMConfig
 from mmllm.encoders import build_encoder
 from mmllm.toy import world
-from mmllm.toy.components import COMPONENTS, MARKER, build_components, is_complete
+from mmllm.toy.components import COMPONENTS, MARKER, BuildSettings, build_components, is_complete, shape_group
 from mmllm.toy.preset import image_encoder_config, toy_config
 from pipelines import AudioOutput, ImageOutput, VideoOutput, build_decoder
 from pipelines.spectrogram import MelSpectrogramSpec, SpectrogramAudioOutput
@@ -40,6 +40,31 @@ def test_rebuilt_dependency_invalidates_dependents(root, tmp_path):
     build_components(copy, fast=True, progress=False, only=["vae"], force=True, log=lambda _: None)
     assert is_complete(copy, "clip") and is_complete(copy, "vae")
     assert not is_complete(copy, "image_decoder") and not is_complete(copy, "video_decoder")
+
+
+def test_changed_recipe_rebuilds_that_component_and_its_dependents(root, tmp_path):
+    import shutil
+
+    copy = tmp_path / "toy"
+    shutil.copytree(root, copy)
+    changed = BuildSettings.fast()
+    changed.clip_shape_groups = 0
+    assert not is_complete(copy, "clip", changed) and is_complete(copy, "vae", changed)
+    old_vae = (copy / "vae" / MARKER).read_text()
+    build_components(copy, settings=changed, progress=False, only=["image_decoder"], log=lambda _: None)
+    assert is_complete(copy, "clip", changed) and is_complete(copy, "image_decoder", changed)
+    assert (copy / "vae" / MARKER).read_text() == old_vae  # its recipe did not change
+    assert not is_complete(copy, "video_decoder")  # built on the old CLIP
+
+
+def test_shape_groups_differ_only_in_shape_and_keep_out_held_out_pairs():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        specs, images = shape_group(rng)
+        assert images.shape == (len(specs), 32, 32, 3) and 2 <= len(specs) <= len(world.SHAPES)
+        assert len({s.shape for s in specs}) == len(specs)
+        assert len({(s.colour, s.size, s.position, s.count) for s in specs}) == 1
+        assert not any(world.is_held_out(s) for s in specs)
 
 
 def test_image_encoder_loads_full_clip_checkpoint(root):
