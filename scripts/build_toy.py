@@ -4,6 +4,8 @@
     python scripts/build_toy.py --device cuda         # the same on a GPU
     python scripts/build_toy.py --fast --root /tmp/t  # a few steps each (tests, smoke runs)
     python scripts/build_toy.py --evaluate            # then score them with the oracles
+    python scripts/build_toy.py --root /tmp/v --only clip --steps clip=1000 --clip-shape-groups 0
+                                                      # a CLIP variant (probe it: scripts/probe_clip.py)
 
 Components already complete are skipped; see ``mmllm.toy.components`` for the layout.
 """
@@ -13,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from mmllm.toy.components import COMPONENTS, build_components, default_root
+from mmllm.toy.components import COMPONENTS, BuildSettings, build_components, default_root
 
 
 def main(argv=None) -> None:
@@ -28,6 +31,8 @@ def main(argv=None) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even complete components")
     parser.add_argument("--steps", nargs="+", default=[], metavar="NAME=N",
                         help="override step counts, e.g. image_decoder=800 clip=400")
+    parser.add_argument("--clip-shape-groups", type=int, default=None, metavar="N",
+                        help="groups of shape hard negatives per CLIP batch (default: BuildSettings')")
     parser.add_argument("--evaluate", action="store_true", help="score with the oracles; writes quality.json")
     parser.add_argument("--eval-n", type=int, default=48, help="prompts per split and modality when evaluating")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -40,7 +45,10 @@ def main(argv=None) -> None:
             parser.error(f"--steps takes NAME=N pairs, got {item!r}")
         steps[name] = int(n)
     start = time.time()
-    paths = build_components(args.root, device=args.device, fast=args.fast, seed=args.seed, steps=steps,
+    settings = BuildSettings.fast() if args.fast else BuildSettings()
+    if args.clip_shape_groups is not None:
+        settings = replace(settings, clip_shape_groups=args.clip_shape_groups)
+    paths = build_components(args.root, device=args.device, seed=args.seed, steps=steps, settings=settings,
                              only=args.only, force=args.force, progress=not args.no_progress)
     print(f"toy components ready in {time.time() - start:.0f} s under {paths['clip'].parent}")
     if args.evaluate:

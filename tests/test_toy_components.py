@@ -179,3 +179,40 @@ def test_toy_config_builds_a_model_that_draws(root, force_first_signal):
     assert result.token_ids[:4] == model.signal_groups["image"]
     assert result.images and result.images[0].image.size == (32, 32)
     assert {m: len(ids) for m, ids in model.signal_groups.items()} == {"image": 4, "audio": 8, "video": 8}
+
+
+def test_ridge_probe_reads_a_linearly_coded_label_and_not_noise():
+    from mmllm.toy.quality import ridge_predict, ridge_probe
+
+    g = torch.Generator().manual_seed(0)
+    labels = [["circle", "square", "cross"][i % 3] for i in range(90)]
+    code = torch.nn.functional.one_hot(torch.arange(90) % 3, 3).double()
+    x = torch.cat([code * 3, torch.randn(90, 20, generator=g, dtype=torch.float64)], 1)  # signal + noise columns
+    assert ridge_predict(x[:60], labels[:60], x[60:]) == labels[60:]
+    acc = ridge_probe(x[:60], labels[:60], {"signal": (x[60:], labels[60:])})
+    assert acc["signal"] == 1.0
+    noise_only = ridge_probe(x[:60, 3:], labels[:60], {"held": (x[60:, 3:], labels[60:])})
+    assert noise_only["held"] < 0.7
+
+
+def test_image_feature_probes_report_every_feature_attribute_and_newcomer_image(root, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from mmllm.toy.quality import IMAGE_FEATURES, image_feature_probes
+
+    report = image_feature_probes(root, n_train=24, n_test=8)
+    assert set(report["probes"]) == set(IMAGE_FEATURES) == set(report["newcomer"])
+    for probes in report["probes"].values():
+        assert set(probes) == {"colour", "shape", "size", "position", "count"}
+        assert all(0.0 <= v <= 1.0 for p in probes.values() for v in p.values())
+    held_out = sum(world.is_held_out(world.ImageSpec(c, s)) for c in world.COLOURS for s in world.SHAPES)
+    for new in report["newcomer"].values():  # the mistakes account for every pair not read right
+        wrong = round((1 - new["held_in"]) * (24 - held_out) + (1 - new["held_out"]) * held_out)
+        assert len(new["mistakes"]) == wrong
+    spec = importlib.util.spec_from_file_location("probe_clip", Path(__file__).parents[1] / "scripts" / "probe_clip.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--root", str(root), "--n-train", "24", "--n-test", "8"])
+    out = capsys.readouterr().out
+    assert "| class token |" in out and "| all tokens |" in out and "newcomer shape" in out

@@ -186,12 +186,18 @@ def evaluate_dialogues(model, split: str, n: int, seed: int = 0, max_new_tokens:
 NEWCOMER_PROMPT = "What is in this picture?"
 
 
+def newcomer_specs() -> list:
+    """The newcomer check's images: one large, centred shape of every colour x shape pair,
+    in canonical (un-jittered) rendering."""
+    return [world.ImageSpec(colour=c, shape=s, size="large", position="center", count=1)
+            for c in world.COLOURS for s in world.SHAPES]
+
+
 def newcomer_check(model, prompt: str = NEWCOMER_PROMPT, batch: int = 8, max_new_tokens: int = 24) -> dict:
-    """The README's newcomer check on every colour x shape pair: one large, centred shape in
-    its canonical (un-jittered) rendering, asked ``prompt`` greedily; an answer is right when
-    it names both the colour and the shape. ``{"right", "total", "rows": [...]}``."""
-    specs = [world.ImageSpec(colour=c, shape=s, size="large", position="center", count=1)
-             for c in world.COLOURS for s in world.SHAPES]
+    """The README's newcomer check on ``newcomer_specs()``, asked ``prompt`` greedily; an
+    answer is right when it names both the colour and the shape.
+    ``{"right", "total", "rows": [...]}``."""
+    specs = newcomer_specs()
     answers = _ask(model, [{"prompt": prompt, "image": world.render_image(s)} for s in specs], batch, max_new_tokens,
                    **_text_only(model))
     rows = []
@@ -278,5 +284,5 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["chance", "evaluate", "evaluate_dialogues", "evaluate_generation", "evaluate_understanding", "read_output",
-           "table"]
+__all__ = ["chance", "evaluate", "evaluate_dialogues", "evaluate_generation", "evaluate_understanding",
+           "newcomer_check", "newcomer_specs", "newcomer_table", "read_output", "table"]
