@@ -32,10 +32,12 @@ def _specs(modality: str, split: str, n: int, rng) -> list:
     return [world.sample_spec(rng, modality, split) for _ in range(n)]
 
 
-def ridge_predict(train_x: torch.Tensor, train_y: list, *tests: torch.Tensor, ridge: float = 1.0) -> list:
-    """Multi-class ridge regression on one-hot labels (dual form: any feature width), fitted
-    on ``train_x`` (N, ...) flattened and standardised; the predicted labels of each test
-    set (a single list when given one)."""
+def ridge_probe(train_x: torch.Tensor, train_y: list, tests: dict[str, tuple[torch.Tensor, list]],
+                ridge: float = 1.0) -> dict[str, float]:
+    """Multi-class ridge regression on one-hot labels (dual form: any feature width).
+
+    ``train_x`` (N, ...) is flattened and standardised; returns accuracy per test set.
+    """
     classes = sorted(set(train_y), key=str)
     x = train_x.flatten(1).double()
     mean, std = x.mean(0), x.std(0) + 1e-6
@@ -44,20 +46,37 @@ def ridge_predict(train_x: torch.Tensor, train_y: list, *tests: torch.Tensor, ri
     y[torch.arange(len(train_y)), [classes.index(v) for v in train_y]] = 1.0
     k = x @ x.T / x.shape[1]  # (N, N)
     alpha = torch.linalg.solve(k + ridge * torch.eye(len(k), dtype=k.dtype), y - y.mean(0))
-    out = []
-    for tx in tests:
+    out = {}
+    for name, (tx, ty) in tests.items():
         z = (tx.flatten(1).double() - mean) / std
-        out.append([classes[i] for i in ((z @ x.T / x.shape[1]) @ alpha).argmax(1).tolist()])
-    return out[0] if len(out) == 1 else out
+        pred = (z @ x.T / x.shape[1]) @ alpha
+        out[name] = float(np.mean([classes[i] == v for i, v in zip(pred.argmax(1).tolist(), ty)]))
+    return out
 
 
-def ridge_probe(train_x: torch.Tensor, train_y: list, tests: dict[str, tuple[torch.Tensor, list]],
-                ridge: float = 1.0) -> dict[str, float]:
-    """``ridge_predict``'s accuracy on each named ``(features, labels)`` test set."""
-    preds = ridge_predict(train_x, train_y, *(tx for tx, _ in tests.values()), ridge=ridge)
-    if len(tests) == 1:
-        preds = [preds]
-    return {name: float(np.mean([p == v for p, v in zip(pred, ty)])) for (name, (_, ty)), pred in zip(tests.items(), preds)}
+def logistic_predict(train_x: torch.Tensor, train_y: list, *tests: torch.Tensor, l2: float = 1e-3) -> list:
+    """Multinomial logistic regression (L-BFGS, L2 ``l2``) fitted on ``train_x`` (N, ...)
+    flattened and standardised; the predicted labels of each test set."""
+    classes = sorted(set(train_y), key=str)
+    x = train_x.flatten(1).float()
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    x = (x - mean) / std
+    y = torch.tensor([classes.index(v) for v in train_y])
+    weight = torch.zeros(x.shape[1], len(classes), requires_grad=True)
+    bias = torch.zeros(len(classes), requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=300)
+
+    def loss():
+        opt.zero_grad()
+        value = torch.nn.functional.cross_entropy(x @ weight + bias, y) + l2 * weight.pow(2).sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        opt.step(loss)
+    with torch.no_grad():
+        return [[classes[i] for i in (((t.flatten(1).float() - mean) / std) @ weight + bias).argmax(1).tolist()]
+                for t in tests]
 
 
 def _features(encoder, items: list, batch: int = 64) -> torch.Tensor:
@@ -125,7 +144,7 @@ IMAGE_FEATURES = {"class token": lambda h: h[:, 0], "mean patch token": lambda h
 
 def image_feature_probes(root: str | os.PathLike | None = None, n_train: int = 3000, n_test: int = 500,
                          seed: int = 0) -> dict:
-    """Where the toy CLIP keeps each image attribute: ridge probes on its last layer's class
+    """Where the toy CLIP keeps each image attribute: logistic probes on its last layer's class
     token, mean patch token and all tokens (``IMAGE_FEATURES``), trained on ``n_train``
     jittered train-split renderings and scored on ``n_test`` fresh held-in and held-out ones.
     ``"newcomer"``: shape read from the 24 large, centred, un-jittered colour x shape images
@@ -145,19 +164,22 @@ def image_feature_probes(root: str | os.PathLike | None = None, n_train: int = 3
     newcomer = newcomer_specs()
     newcomer_feats = _features(encoder, [world.render_image(s, IMAGE_SIZE) for s in newcomer])
     report: dict = {"probes": {}, "newcomer": {}, "settings": {"n_train": n_train, "n_test": n_test, "seed": seed}}
+    held_out = [world.is_held_out(s) for s in newcomer]
     for feature, pick in IMAGE_FEATURES.items():
-        train_x = pick(sets["train"][1])
-        report["probes"][feature] = {
-            attr: ridge_probe(train_x, [getattr(s, attr) for s in sets["train"][0]],
-                              {k: (pick(sets[k][1]), [getattr(s, attr) for s in sets[k][0]]) for k in ("held_in", "held_out")})
-            for attr in ("colour", "shape", "size", "position", "count")}
-        named = ridge_predict(train_x, [s.shape for s in sets["train"][0]], pick(newcomer_feats))
-        held_out = [world.is_held_out(s) for s in newcomer]
-        right = [p == s.shape for p, s in zip(named, newcomer)]
-        report["newcomer"][feature] = {
-            "held_in": float(np.mean([r for r, h in zip(right, held_out) if not h])),
-            "held_out": float(np.mean([r for r, h in zip(right, held_out) if h])),
-            "mistakes": [f"{s.colour} {s.shape} -> {p}" for s, p, r in zip(newcomer, named, right) if not r]}
+        report["probes"][feature] = {}
+        for attr in ("colour", "shape", "size", "position", "count"):
+            held_in, held_out_pred, named = logistic_predict(
+                pick(sets["train"][1]), [getattr(s, attr) for s in sets["train"][0]],
+                pick(sets["held_in"][1]), pick(sets["held_out"][1]), pick(newcomer_feats))
+            report["probes"][feature][attr] = {
+                k: float(np.mean([p == getattr(s, attr) for p, s in zip(pred, sets[k][0])]))
+                for k, pred in (("held_in", held_in), ("held_out", held_out_pred))}
+            if attr == "shape":
+                right = [p == s.shape for p, s in zip(named, newcomer)]
+                report["newcomer"][feature] = {
+                    "held_in": float(np.mean([r for r, h in zip(right, held_out) if not h])),
+                    "held_out": float(np.mean([r for r, h in zip(right, held_out) if h])),
+                    "mistakes": [f"{s.colour} {s.shape} -> {p}" for s, p, r in zip(newcomer, named, right) if not r]}
     return report
 
 
