@@ -90,8 +90,8 @@ class BuildSettings:
     foreground_weight: float = 10.0
     # CLIP batches: this many groups of images that differ only in shape (one per shape whose
     # colour pair is not held out), the rest random. Random batches almost never hold two
-    # images that only shape tells apart, so without them CLIP barely learns shape
-    # (class-token probe 0.69 held-in; docs/RESULTS.md "Hard negatives").
+    # images that only shape tells apart, so without them CLIP barely learns shape (class-token
+    # probe 0.67 held-in, 0.89 with them; docs/RESULTS.md "Shape hard negatives").
     clip_shape_groups: int = 16
 
     @classmethod
