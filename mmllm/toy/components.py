@@ -276,6 +276,11 @@ def audio_pool(n: int, rng: np.random.Generator, split: str = "train"):
     return specs, np.stack([world.render_audio(s, SAMPLE_RATE, 1.0, rng=rng) for s in specs])
 
 
+def unit_rgb(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1] (before CLIP's mean/std)."""
+    return torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
+
+
 def to_unit(images: np.ndarray) -> torch.Tensor:
     """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1] (the VAE's range)."""
     x = torch.from_numpy(images).float().div(127.5).sub(1.0)
@@ -342,7 +347,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
     )
     model = CLIPModel(config).to(device).train()
     specs, images = image_pool(settings.pool["image"], rng)
-    pixels = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)  # (N, 3, H, W)
+    pixels = unit_rgb(images)
     mean, std = pixels.mean((0, 2, 3)).view(1, 3, 1, 1), pixels.std((0, 2, 3)).view(1, 3, 1, 1)
     pixels = (pixels - mean) / std
     steps, batch, groups = settings.steps["clip"], settings.batch["clip"], settings.clip_shape_groups
@@ -355,7 +360,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
         for _ in range(groups):
             group_specs, group_images = shape_group(rng)
             batch_specs += group_specs
-            batch_pixels.append((torch.from_numpy(group_images).float().div(255).permute(0, 3, 1, 2) - mean) / std)
+            batch_pixels.append((unit_rgb(group_images) - mean) / std)
         captions = [sample_caption(spec, rng) for spec in batch_specs]
         result = model(input_ids=_tokens(tokenizer, captions, device), pixel_values=torch.cat(batch_pixels).to(device),
                        return_loss=True)
