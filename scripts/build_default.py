@@ -22,7 +22,7 @@ from mmllm.toy.components import BuildSettings, default_root
 from mmllm.toy.mmllm_build import DefaultSettings, build_default
 
 TUNABLE = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps", "stage2_batch",
-           "stage2_lr", "stage2_projector_lr", "align_steps", "align_examples", "seed")
+           "stage2_lr", "stage2_projector_lr", "align_steps", "align_lr", "align_examples", "seed")
 
 
 def main(argv=None) -> None:

@@ -102,6 +102,33 @@ def test_changed_settings_fingerprint_differs():
     assert a.stage_fingerprint("stage2", comps) != b.stage_fingerprint("stage2", comps)
     assert a.stage_fingerprint("stage1", comps) != a.stage_fingerprint("stage1", {"clip": {"build_id": "y"}})
     assert a.stage_fingerprint("stage1", comps) != a.stage_fingerprint("stage1", comps, TINY_LLM)
+    # The stages read the encoders (and the decoders' copies of their text towers), not the UNets.
+    for stage in ("stage1", "stage2", "align"):
+        assert a.stage_fingerprint(stage, comps) == a.stage_fingerprint(stage, {**comps, "image_decoder": {"build_id": "z"}})
+        assert a.stage_fingerprint(stage, comps) != a.stage_fingerprint(stage, {**comps, "audio_encoder": {"build_id": "z"}})
+
+
+def test_a_retrained_decoder_keeps_the_stages_and_is_recorded(tmp_path):
+    """A decoder rebuilt with another recipe (here more steps) retrains no stage; the model
+    dir, which names it relatively, is re-recorded with its new build id and loads it."""
+    from mmllm.toy.components import BuildSettings
+
+    def build(components):
+        return build_default(tmp_path, fast=True, settings=DefaultSettings.fast(), component_settings=components,
+                             progress=False, config_overrides=TINY_LLM, log=lambda _: None)
+
+    path = build(BuildSettings.fast())
+    stamps = lambda: {s: (tmp_path / "runs" / s / "done.json").stat().st_mtime_ns  # noqa: E731
+                      for s in ("stage1", "stage2", "align")}
+    before, old = stamps(), json.loads((path / BUILD_INFO).read_text())["components"]
+    build(BuildSettings.fast().override({"image_decoder": 3}))
+    new = json.loads((path / BUILD_INFO).read_text())["components"]
+    assert stamps() == before
+    assert new["image_decoder"] != old["image_decoder"] and new["video_decoder"] != old["video_decoder"]
+    assert {k: new[k] for k in ("clip", "audio_encoder", "vae", "audio_decoder")} == \
+        {k: old[k] for k in ("clip", "audio_encoder", "vae", "audio_decoder")}
+    model = mmllm.load(str(path))
+    assert model.config.outputs["image"].decoder.source == str(tmp_path / "image_decoder")
 
 
 def test_stage2_mix_gives_the_focus_attribute_its_own_conversations(tmp_path):
@@ -194,6 +221,51 @@ def test_metric_gives_one_to_the_truth_and_little_to_a_wrong_model():
     assert max(und) <= 0.25
     text = table(good)
     assert "| understanding (qa) | image | colour | 1.00 | 1.00 | 0.17 |" in text
+
+
+class CaptionDecoder:
+    """A stand-in image decoder: ``encode_text`` remembers the caption, ``generate`` renders
+    what it names (``broken``: always a small green square in the centre)."""
+
+    defaults = {"guidance_scale": 6.0, "height": 32}
+
+    def __init__(self, broken: bool):
+        self.broken, self.calls = broken, []
+
+    def encode_text(self, captions):
+        import torch
+
+        self.caption = captions[0]
+        return torch.zeros(len(captions), 2, 4)
+
+    def generate(self, embeds, seed=None, **settings):
+        self.calls.append((seed, settings))
+        spec = world.ImageSpec(colour="green", shape="square", size="small", position="center", count=1) \
+            if self.broken else world.spec_from_dict(oracle.analyse_text(self.caption, "image"))
+        return [ImageOutput(_pil(world.render_image(spec)))]
+
+
+def test_decoder_ceiling_renders_each_requests_true_caption():
+    """The 'decoder' task scores the model's own decoder on the generation requests' true
+    captions, with generate()'s seed and only the settings the decoder takes."""
+
+    class WithDecoder(ScriptedModel):
+        def __init__(self, broken):
+            super().__init__(perfect=False)  # its own generation makes nothing: the ceiling must not use it
+            self.decoders = {"image": CaptionDecoder(broken)}
+
+    good, bad = WithDecoder(False), WithDecoder(True)
+    report = evaluate(good, splits=("train", "test"), gen_n=4, tasks=("decoder", "generation"),
+                      modalities=("image",), guidance_scale=3.0, num_frames=8)
+    for split in ("train", "test"):
+        assert all(v == 1.0 for k, v in report[split]["decoder"]["image"].items())
+        assert report[split]["generation"]["image"]["produced"] == 0.0
+    assert good.decoders["image"].calls == [(0, {"guidance_scale": 3.0})] * 8  # num_frames is not an image setting
+    worse = evaluate(bad, splits=("test",), gen_n=4, tasks=("decoder",), modalities=("image",))
+    assert worse["test"]["decoder"]["image"]["all"] < 1.0 and worse["test"]["decoder"]["image"]["colour"] < 1.0
+    assert "| generation (true caption) | image | colour | 1.00 | 1.00 | 0.17 |" in table(report)
+    with pytest.raises(ValueError, match="needs model.decoders"):
+        evaluate(ScriptedModel(True), splits=("test",), gen_n=1, tasks=("decoder",), modalities=("image",))
 
 
 def test_newcomer_check_scores_every_colour_and_shape():
@@ -304,6 +376,9 @@ def test_whole_chain_smoke_every_loss_falls(tmp_path):
         run = build[stage]
         assert run["steps"] == 16 and run["bad_rows"] == 0
         assert run["final_loss"] < run["first_loss"], (stage, run["first_loss"], run["final_loss"])
+    align = build["align_run"]
+    assert align["steps"] == 40 and align["final_loss"] < align["first_loss"]
+    assert set(align["val_loss"]) == {"image", "audio", "video"}  # held-back sequences scored
     model = mmllm.load(str(path))
     assert model.config.llm.source == "smollm2" and model.config.llm.lora is not None
     spec = world.ImageSpec(colour="red", shape="circle", size="large", position="center", count=1)

@@ -388,3 +388,26 @@ def test_align_reinit_starts_from_the_seeded_initialisation_and_caps_the_cache(b
                                  progress=False, max_examples=1)
     assert set(capped.counts()) == set(full.counts()) and min(capped.counts().values()) >= 1
     assert sum(capped.counts().values()) < sum(full.counts().values())  # stopped before the end
+
+
+def test_align_val_examples_are_held_back_and_scored(base_model, data, fresh):
+    """val_examples: the last cached sequences of each modality are not trained on, and
+    val_loss is the final projectors' MSE on exactly them."""
+    import torch.nn.functional as F
+
+    from mmllm.training import align_output_projectors, cache_signal_states
+
+    model = fresh(base_model)
+    full = cache_signal_states(model, generation=data["generation"], data_root=data["root"], progress=False).counts()
+    result = align_output_projectors(model, generation=data["generation"], data_root=data["root"], steps=4,
+                                     batch_size=4, lr=1e-3, progress=False, val_examples=1)
+    assert result.examples == {m: n - 1 for m, n in full.items()}
+    cache = cache_signal_states(model, generation=data["generation"], data_root=data["root"], progress=False)
+    assert set(result.val_loss) == set(full)
+    for m, proj in model.output_projectors.items():
+        with torch.no_grad():
+            mse = F.mse_loss(proj(cache.states[m][-1:], cache.embeds[m].unsqueeze(0)), cache.targets[m][-1:]).item()
+        assert result.val_loss[m] == pytest.approx(mse, rel=1e-4)
+    with pytest.raises(ValueError, match="lower val_examples"):
+        align_output_projectors(model, generation=data["generation"], data_root=data["root"], steps=1,
+                                progress=False, val_examples=max(full.values()))

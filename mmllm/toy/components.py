@@ -57,6 +57,11 @@ DEPENDS = {
     "audio_decoder": ("audio_encoder", "vae"),
     "video_decoder": ("clip", "vae", "image_decoder"),  # its UNet starts from the image UNet
 }
+# What the MMLLM's training stages read from the components: the encoders, and the decoders'
+# conditioning space, which is a frozen copy of these encoders' text towers (image and video
+# decoders: CLIP's; audio decoder: the audio encoder's). A decoder retrained on the same tower
+# (more steps, another UNet) changes no input and no target, so it does not retrain the LLM.
+TRAINING_INPUTS = ("clip", "audio_encoder")
 # SD-1.x noise schedule, shared by training and the saved DDIM sampler.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -71,7 +76,7 @@ class BuildSettings:
 
     steps: dict = field(default_factory=lambda: {
         "clip": 3000, "audio_encoder": 600, "vae": 1200,
-        "image_decoder": 1000, "audio_decoder": 600, "video_decoder": 300,
+        "image_decoder": 3000, "audio_decoder": 1800, "video_decoder": 1000,
     })
     batch: dict = field(default_factory=lambda: {
         "clip": 64, "audio_encoder": 64, "vae": 16,
@@ -711,5 +716,5 @@ def component_info(root: str | os.PathLike | None = None) -> dict[str, Optional[
     return {name: _marker(root / name) for name in COMPONENTS}
 
 
-__all__ = ["BuildSettings", "COMPONENTS", "build_components", "build_tokenizer", "component_info",
+__all__ = ["TRAINING_INPUTS", "BuildSettings", "COMPONENTS", "build_components", "build_tokenizer", "component_info",
            "default_root", "is_complete"]

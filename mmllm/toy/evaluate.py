@@ -14,6 +14,10 @@ the produced image / audio / video is read back with ``analyse_image`` /
 share of requests that gave media of the requested modality at all (a missing one
 scores wrong on every attribute).
 
+Decoder (the ceiling of generation): the same requests' true captions, encoded by each
+decoder's own text encoder and rendered with the same seed and settings, read back the same
+way. Generation below it is lost on the LLM side (signal states, output projector).
+
 Dialogue (any-to-any, multi-turn): ``world.make_dialogues`` replayed with the model's own
 replies as history; ``success`` is the share of dialogues with every turn right.
 
@@ -37,6 +41,7 @@ from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES
 DESCRIBE = {"image": "Describe the image.", "audio": "Describe the audio.", "video": "Describe the video."}
 SPLIT_NAMES = {"train": "held-in", "test": "held-out"}
 RESULT_FIELD = {"image": "images", "audio": "audio", "video": "videos"}
+TASK_NAMES = {"decoder": "generation (true caption)"}
 
 
 def _rng(seed: int, *names: str) -> np.random.Generator:
@@ -132,6 +137,26 @@ def evaluate_generation(model, modality: str, split: str, n: int, seed: int = 0,
     out.update({k: _mean([row[k] for row in rows]) for k in (*attrs, "all")})
     out["examples"] = examples
     return out
+
+
+def evaluate_decoder(model, modality: str, split: str, n: int, seed: int = 0, **decoder_kwargs) -> dict:
+    """The model's own decoder fed its text encoder's conditioning of each request's true
+    caption, with the requests, seed and settings of ``evaluate_generation``: what generation
+    would score with a perfect LLM and output projector. The gap between the two is what the
+    LLM side loses; this score is the decoder's ceiling."""
+    decoders = getattr(model, "decoders", None)
+    if not decoders or modality not in decoders:
+        raise ValueError(f"the 'decoder' task needs model.decoders[{modality!r}]: a model that outputs {modality}")
+    decoder = decoders[modality]
+    rng = _rng(seed, "generate", modality, split)
+    specs = [world.sample_spec(rng, modality, split) for _ in range(n)]  # evaluate_generation's specs
+    settings = {k: v for k, v in decoder_kwargs.items() if k in decoder.defaults}
+    rows = []
+    for s in specs:  # one at a time with seed 0, as generate() renders each signal sequence
+        out = decoder.generate(decoder.encode_text([world.canonical_caption(s)]), seed=0, **settings)
+        rows.append(oracle.score(read_output(modality, out[0]), s))
+    attrs = list(world.attribute_values(modality))
+    return {"produced": 1.0, **{k: _mean([row[k] for row in rows]) for k in (*attrs, "all")}}
 
 
 def evaluate_dialogues(model, split: str, n: int, seed: int = 0, max_new_tokens: int = 40,
@@ -240,12 +265,17 @@ def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_
                     if m in getattr(model, "output_modalities", world.MODALITIES):
                         report[split][task][m] = evaluate_generation(model, m, split, gen_n or n, seed,
                                                                      max(1, batch // 2), **decoder_kwargs)
+                elif task == "decoder":
+                    if m in getattr(model, "output_modalities", world.MODALITIES):
+                        report[split][task][m] = evaluate_decoder(model, m, split, gen_n or n, seed,
+                                                                  **decoder_kwargs)
                 elif task == "dialogue":
                     if m == modalities[0]:  # dialogues mix modalities: one block, filed under "any"
                         report[split][task]["any"] = evaluate_dialogues(model, split, gen_n or n, seed,
                                                                         **decoder_kwargs)
                 else:
-                    raise ValueError(f"unknown task {task!r}; use 'understanding', 'generation' and/or 'dialogue'")
+                    raise ValueError(f"unknown task {task!r}; use 'understanding', 'generation', 'decoder' "
+                                     f"and/or 'dialogue'")
     return report
 
 
@@ -276,7 +306,7 @@ def table(report: dict) -> str:
             keyed = [("caption", a) for a in (*attrs, "all")] + [("qa", a) for a in attrs] \
                 if task == "understanding" else [(None, a) for a in ("produced", *attrs, "all")]
             for key, a in keyed:
-                name = f"{task} ({key})" if key else task
+                name = f"{task} ({key})" if key else TASK_NAMES.get(task, task)
                 ch = "-" if a in ("all", "produced") else f"{chance(m, a):.2f}"
                 if a == "all":
                     ch = f"{np.prod([chance(m, x) for x in attrs]):.3f}"
@@ -284,5 +314,5 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["chance", "evaluate", "evaluate_dialogues", "evaluate_generation", "evaluate_understanding",
+__all__ = ["chance", "evaluate", "evaluate_decoder", "evaluate_dialogues", "evaluate_generation", "evaluate_understanding",
            "newcomer_check", "newcomer_specs", "newcomer_table", "read_output", "table"]

@@ -47,6 +47,8 @@ class AlignResult:
     examples: dict
     seconds: float
     bad_rows: int
+    # modality -> MSE of the final projectors on the held-back cached sequences (``val_examples``)
+    val_loss: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -100,13 +102,16 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
                             batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0,
                             warmup_ratio: float = 0.03, seed: int = 0, cache_batch_size: int = 16,
                             progress: bool = True, max_examples: int | None = None,
-                            reinit: bool = False) -> AlignResult:
+                            reinit: bool = False, val_examples: int = 0) -> AlignResult:
     """Train the output projectors alone, on cached states (see the module docstring).
 
     Each step takes ``batch_size`` cached sequences of one modality (modalities in turn)
     and minimises the MSE to the decoder's conditioning, as ``TrainingModule`` does.
     ``reinit`` starts the projectors from a fresh (seeded) initialisation instead of their
-    trained state. Returns the losses (first and last tenth of the run), counts and timing.
+    trained state. ``val_examples`` holds back the last that many cached sequences of every
+    modality from training and scores the final projectors on them (``val_loss``): the
+    cache is small, and a projector that fits it can still miss new requests. Returns the
+    losses (first and last tenth of the run), counts and timing.
     """
     from tqdm.auto import tqdm
 
@@ -117,7 +122,14 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
             model.output_projectors[m] = model.new_output_projector(m)
     set_trainable(model, "align_outputs")
     cache = cache_signal_states(model, generation, conversations, data_root, cache_batch_size, progress, report,
-                                max_examples)
+                                None if max_examples is None else max_examples + val_examples)
+    short = {m: n for m, n in cache.counts().items() if n <= val_examples}
+    if short:
+        raise ValueError(f"val_examples={val_examples} leaves nothing to train on for {short} cached sequences; "
+                         f"lower val_examples or add generation data for those modalities")
+    held = {m: (cache.states[m][-val_examples:], cache.targets[m][-val_examples:]) for m in cache.targets} \
+        if val_examples else {}
+    train_n = {m: n - val_examples for m, n in cache.counts().items()}
     params = [p for p in model.output_projectors.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, int(steps * warmup_ratio))
@@ -130,7 +142,7 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
     model.output_projectors.train()
     for step in (bar := tqdm(range(steps), desc="align_outputs", disable=not progress)):
         m = modalities[step % len(modalities)]
-        n = len(cache.targets[m])
+        n = train_n[m]
         pick = torch.randint(n, (min(batch_size, n),), generator=gen)
         proj = model.output_projectors[m]
         states = cache.states[m][pick].to(device)
@@ -144,9 +156,16 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     model.output_projectors.eval()
+    val_loss = {}
+    with torch.no_grad():
+        for m, (states, targets) in held.items():
+            embeds = cache.embeds[m].to(device).expand(len(states), -1, -1)
+            val_loss[m] = F.mse_loss(model.output_projectors[m](states.to(device), embeds).float(),
+                                     targets.to(device)).item()
     k = max(1, min(100, len(losses) // 10))
     return AlignResult(steps=steps, first_loss=sum(losses[:k]) / k, final_loss=sum(losses[-k:]) / k,
-                       examples=cache.counts(), seconds=round(time.time() - start, 1), bad_rows=report.count)
+                       examples=train_n, seconds=round(time.time() - start, 1), bad_rows=report.count,
+                       val_loss=val_loss)
 
 
 __all__ = ["AlignResult", "SignalCache", "align_output_projectors", "cache_signal_states"]
