@@ -70,8 +70,9 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 class BuildSettings:
     """Step counts, batch sizes and pool sizes of every component's training run.
 
-    The defaults fit a build from nothing in about 15 minutes on 2 CPU cores (see
-    docs/TOY.md); ``BuildSettings.fast()`` is a few steps each, for tests.
+    With the defaults a build from nothing takes about 50 minutes on 2 CPU cores, the
+    decoders about 40 of them (2026-11-30, docs/TOY.md); ``BuildSettings.fast()`` is a few
+    steps each, for tests.
     """
 
     steps: dict = field(default_factory=lambda: {
