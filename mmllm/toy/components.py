@@ -717,5 +717,5 @@ def component_info(root: str | os.PathLike | None = None) -> dict[str, Optional[
     return {name: _marker(root / name) for name in COMPONENTS}
 
 
-__all__ = ["TRAINING_INPUTS", "BuildSettings", "COMPONENTS", "build_components", "build_tokenizer", "component_info",
-           "default_root", "is_complete"]
+__all__ = ["BuildSettings", "COMPONENTS", "TRAINING_INPUTS", "build_components", "build_tokenizer",
+           "component_info", "default_root", "is_complete"]

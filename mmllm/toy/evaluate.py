@@ -151,9 +151,10 @@ def evaluate_decoder(model, modality: str, split: str, n: int, seed: int = 0, **
     rng = _rng(seed, "generate", modality, split)
     specs = [world.sample_spec(rng, modality, split) for _ in range(n)]  # evaluate_generation's specs
     settings = {k: v for k, v in decoder_kwargs.items() if k in decoder.defaults}
+    seed_media = decoder_kwargs.get("media_seed", 0)  # generate()'s default
     rows = []
-    for s in specs:  # one at a time with seed 0, as generate() renders each signal sequence
-        out = decoder.generate(decoder.encode_text([world.canonical_caption(s)]), seed=0, **settings)
+    for s in specs:  # one at a time, as generate() renders each signal sequence
+        out = decoder.generate(decoder.encode_text([world.canonical_caption(s)]), seed=seed_media, **settings)
         rows.append(oracle.score(read_output(modality, out[0]), s))
     attrs = list(world.attribute_values(modality))
     return {"produced": 1.0, **{k: _mean([row[k] for row in rows]) for k in (*attrs, "all")}}
@@ -314,5 +315,5 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["chance", "evaluate", "evaluate_decoder", "evaluate_dialogues", "evaluate_generation", "evaluate_understanding",
-           "newcomer_check", "newcomer_specs", "newcomer_table", "read_output", "table"]
+__all__ = ["chance", "evaluate", "evaluate_decoder", "evaluate_dialogues", "evaluate_generation",
+           "evaluate_understanding", "newcomer_check", "newcomer_specs", "newcomer_table", "read_output", "table"]
