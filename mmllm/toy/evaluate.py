@@ -35,12 +35,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ..generation import RESULT_FIELD, MediaOptions
 from . import oracle, world
 from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES
 
 DESCRIBE = {"image": "Describe the image.", "audio": "Describe the audio.", "video": "Describe the video."}
 SPLIT_NAMES = {"train": "held-in", "test": "held-out"}
-RESULT_FIELD = {"image": "images", "audio": "audio", "video": "videos"}
 TASK_NAMES = {"decoder": "generation (true caption)"}
 
 
@@ -116,12 +116,18 @@ def evaluate_understanding(model, modality: str, split: str, n: int, seed: int =
             "qa": {a: _mean(v) for a, v in qa.items()}, "examples": examples}
 
 
+def _generation_requests(modality: str, split: str, n: int, seed: int) -> tuple[list, list[str]]:
+    """(specs, request texts) of the generation tasks: the same for ``evaluate_generation``
+    and ``evaluate_decoder``, so the ceiling is measured on the very requests."""
+    rng = _rng(seed, "generate", modality, split)
+    specs = [world.sample_spec(rng, modality, split) for _ in range(n)]
+    return specs, [world.generation_request(s, rng) for s in specs]
+
+
 def evaluate_generation(model, modality: str, split: str, n: int, seed: int = 0, batch: int = 8,
                         max_new_tokens: int = 40, keep_examples: int = 3, **decoder_kwargs) -> dict:
     """{"produced": rate, attr: acc, ..., "all": exact match, "examples": [...]} for ``n`` requests."""
-    rng = _rng(seed, "generate", modality, split)
-    specs = [world.sample_spec(rng, modality, split) for _ in range(n)]
-    prompts = [world.generation_request(s, rng) for s in specs]
+    specs, prompts = _generation_requests(modality, split, n, seed)
     results = _ask(model, [{"prompt": p} for p in prompts], batch, max_new_tokens, **decoder_kwargs)
     attrs = list(world.attribute_values(modality))
     rows, produced, examples = [], [], []
@@ -148,10 +154,9 @@ def evaluate_decoder(model, modality: str, split: str, n: int, seed: int = 0, **
     if not decoders or modality not in decoders:
         raise ValueError(f"the 'decoder' task needs model.decoders[{modality!r}]: a model that outputs {modality}")
     decoder = decoders[modality]
-    rng = _rng(seed, "generate", modality, split)
-    specs = [world.sample_spec(rng, modality, split) for _ in range(n)]  # evaluate_generation's specs
+    specs, _ = _generation_requests(modality, split, n, seed)
     settings = {k: v for k, v in decoder_kwargs.items() if k in decoder.defaults}
-    seed_media = decoder_kwargs.get("media_seed", 0)  # generate()'s default
+    seed_media = decoder_kwargs.get("media_seed", MediaOptions.seed)  # what generate() renders with
     rows = []
     for s in specs:  # one at a time, as generate() renders each signal sequence
         out = decoder.generate(decoder.encode_text([world.canonical_caption(s)]), seed=seed_media, **settings)
