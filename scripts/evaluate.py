@@ -4,6 +4,7 @@
     python scripts/evaluate.py --model DIR --split test --n 48
     python scripts/evaluate.py --tasks understanding     # skip generation (no diffusion decoding)
     python scripts/evaluate.py --tasks generation decoder  # generation against its ceiling
+    python scripts/evaluate.py --tasks brief             # requests that leave attributes out ("Draw a blue square.")
     python scripts/evaluate.py --out report.json         # also write the full report with examples
     python scripts/evaluate.py --newcomer                # only the README check: every colour x shape, large
 
@@ -19,7 +20,7 @@ import json
 import sys
 import time
 
-from mmllm.toy.evaluate import evaluate, newcomer_check, newcomer_table, table
+from mmllm.toy.evaluate import TASKS, evaluate, newcomer_check, newcomer_table, table
 
 
 def main(argv=None) -> None:
@@ -29,10 +30,10 @@ def main(argv=None) -> None:
                         help="train: held-in attribute pairs; test: held-out pairs")
     parser.add_argument("--n", type=int, default=24, help="items per modality and split (understanding)")
     parser.add_argument("--gen-n", type=int, default=None, help="generation requests per modality and split, and dialogues per split (default --n)")
-    parser.add_argument("--tasks", nargs="+", choices=("understanding", "generation", "decoder", "dialogue"),
-                        default=["understanding", "generation", "dialogue"],
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["understanding", "generation", "dialogue"],
                         help="decoder: the decoders fed the generation requests' true captions (the ceiling "
-                             "of generation; not run by default)")
+                             "of generation); brief: image and audio requests that leave attributes out "
+                             "(neither runs by default)")
     parser.add_argument("--modalities", nargs="+", choices=("image", "audio", "video"),
                         default=["image", "audio", "video"])
     parser.add_argument("--batch", type=int, default=16, help="requests decoded together")

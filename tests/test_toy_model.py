@@ -151,6 +151,32 @@ def test_stage2_mix_gives_the_focus_attribute_its_own_conversations(tmp_path):
         assert r["image"] and [t["from"] for t in r["conversations"]][:2] == ["human", "gpt"]
 
 
+def test_stage2_generation_turns_include_brief_requests(tmp_path):
+    """A share of the image and audio generation pairs also come as brief requests, whose
+    reply and decoder target are the spec with the left-out attributes at their defaults."""
+    from mmllm.toy.mmllm_build import write_data
+
+    def text_rows(brief, name):
+        files = write_data(tmp_path / name, DefaultSettings(items=20, dialogues=0, brief_requests=brief))
+        return json.loads(open(files["requests"][0]).read())
+
+    full = text_rows({}, "full")
+    rows = text_rows({"image": 1.0, "audio": 0.5}, "brief")
+    by_modality = {m: [r for r in rows if r["outputs"][0]["modality"] == m] for m in world.MODALITIES}
+    assert len(full) == 60 and len(by_modality["image"]) == 40 and len(by_modality["video"]) == 20
+    assert 20 < len(by_modality["audio"]) < 40
+    asked = {r["conversations"][0]["value"] for r in full}  # every full request is still there
+    brief = [r for r in rows if r["conversations"][0]["value"] not in asked]
+    assert len(brief) == len(rows) - 60
+    for r in brief:
+        request, reply = (t["value"] for t in r["conversations"])
+        m, target = r["outputs"][0]["modality"], r["outputs"][0]["caption"]
+        named = {k: v for k, v in oracle.analyse_text(request, m).items() if v is not None}
+        filled = world.spec_from_dict({**world.BRIEF_DEFAULTS[m], **named})
+        assert target == world.canonical_caption(filled), (request, target)
+        assert target in reply and reply.endswith(world.gen_marker(m))
+
+
 # --------------------------------------------------------------------------- the metric
 
 
@@ -181,7 +207,8 @@ class ScriptedModel:
             if not self.perfect:
                 out.append(GenerateResult(text="Sorry."))
                 continue
-            spec = world.spec_from_dict(oracle.analyse_text(req["prompt"], m))
+            named = {k: v for k, v in oracle.analyse_text(req["prompt"], m).items() if v is not None}
+            spec = world.spec_from_dict({**world.BRIEF_DEFAULTS.get(m, {}), **named})  # brief: defaults fill in
             if m == "image":
                 res = GenerateResult(text="Here.", images=[ImageOutput(_pil(world.render_image(spec)))])
             elif m == "audio":
@@ -268,6 +295,25 @@ def test_decoder_ceiling_renders_each_requests_true_caption():
     assert "| generation (true caption) | image | colour | 1.00 | 1.00 | 0.17 |" in table(report)
     with pytest.raises(ValueError, match="needs model.decoders"):
         evaluate(ScriptedModel(True), splits=("test",), gen_n=1, tasks=("decoder",), modalities=("image",))
+
+
+def test_brief_task_scores_image_and_audio_against_the_defaults():
+    """The 'brief' task asks for media with attributes left out and scores them against
+    the spec with the defaults filled in; a model that answers every request with a video
+    scores 0 produced."""
+    good = evaluate(ScriptedModel(True), splits=("train", "test"), gen_n=4, tasks=("brief",))
+    assert set(good["test"]["brief"]) == {"image", "audio"}  # videos have no brief form
+    for split in ("train", "test"):
+        assert all(v == 1.0 for m in ("image", "audio") for k, v in good[split]["brief"][m].items() if k != "examples")
+    assert "| generation (brief request) | image | size | 1.00 | 1.00 | 0.50 |" in table(good)
+
+    class AlwaysVideo(ScriptedModel):
+        def generate_batch(self, requests, **kwargs):
+            return [GenerateResult(text="Here.", videos=[VideoOutput(world.render_video(
+                world.VideoSpec("red", "square", "up"), 32, 4), 4)]) for _ in requests]
+
+    wrong = evaluate(AlwaysVideo(True), splits=("test",), gen_n=4, tasks=("brief",))
+    assert wrong["test"]["brief"]["image"]["produced"] == wrong["test"]["brief"]["audio"]["produced"] == 0.0
 
 
 def test_newcomer_check_scores_every_colour_and_shape():

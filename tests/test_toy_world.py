@@ -131,6 +131,33 @@ def test_captions_and_requests_name_every_attribute(modality):
         assert target == world.canonical_caption(s)
 
 
+@pytest.mark.parametrize("modality", sorted(world.BRIEF_DEFAULTS))
+def test_brief_requests_name_what_they_keep_and_default_the_rest(modality):
+    """A brief request ("Draw two red circles.") asks for the spec it names, with every
+    attribute it leaves out at its default; the spec stays in its split."""
+    rng = np.random.default_rng(3)
+    defaults, seen_omitted = world.BRIEF_DEFAULTS[modality], set()
+    for split in ("train", "test"):
+        for _ in range(60):
+            spec = world.sample_spec(rng, modality, split)
+            filled, request = world.brief_generation_request(spec, rng)
+            assert world.in_split(filled, split), (spec, filled)
+            read = oracle.analyse_text(request, modality)
+            omitted = {a for a in defaults if read.get(a) is None}  # "a red circle" reads as count 1
+            assert omitted, request  # brief: something is left out
+            seen_omitted |= omitted
+            for a in world.attribute_values(modality):
+                if a not in defaults:  # always named, never changed
+                    assert read[a] == getattr(filled, a) == getattr(spec, a), (request, a)
+                elif a in omitted:
+                    assert getattr(filled, a) == defaults[a], (request, filled)
+                else:  # named: what the text says, the spec's own value or (count) the default one
+                    assert read[a] == getattr(filled, a) in (getattr(spec, a), defaults[a]), (request, a)
+    assert seen_omitted == set(defaults) - {"count"}  # count 1 is always named ("a", "one")
+    with pytest.raises(ValueError, match="no brief form"):
+        world.brief_generation_request(world.sample_spec(rng, "video"), rng)
+
+
 def test_canonical_captions_read_naturally():
     assert world.canonical_caption(ImageSpec("red", "circle", "small", "left", 1)) == "a small red circle on the left"
     three = ImageSpec("blue", "cross", "large", "top", 3)

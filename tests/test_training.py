@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from mmllm.toy.world import write_dataset
 from mmllm.training import (Collator, DataError, DataReport, ExampleBuilder, StreamingData, TrainConfig,
                             TrainingModule, build_feature_cache, conversation_labels, parameter_counts,
                             set_trainable, sources_from, train, trainable_rule)
-from mmllm.training.data import iter_json_array
+from mmllm.training.data import Example, iter_json_array
 
 LLAMA2_TEMPLATE = (
     "{% for message in messages %}"
@@ -180,6 +181,39 @@ def test_streaming_json_array(tmp_path):
     f.write_text(json.dumps(items, indent=1))
     got = [v for _, v in iter_json_array(f, chunk=16)]
     assert got == items
+
+
+class LengthOnly:
+    """An ExampleBuilder stand-in: a row ``{"n": k}`` becomes an example of k tokens."""
+
+    def build(self, kind, row, source, n):
+        return Example(kind, source, n, ids=[1] * row["n"], labels=[1] * row["n"])
+
+
+def test_group_by_length_pads_less_and_keeps_every_example(tmp_path):
+    rng = random.Random(0)
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"n": rng.randint(1, 60)}) + "\n" for _ in range(70)))
+
+    def batches(group, seed=0):
+        stream = StreamingData(sources_from(captions=str(f)), LengthOnly(), 4, DataReport(), seed=seed,
+                               group_by_length=group)
+        return [[len(e.ids) for e in b] for b in stream], [[e.row for e in b] for b in stream]
+
+    def padded(lengths):
+        return sum(max(b) * len(b) for b in lengths)
+
+    (plain, plain_rows), (grouped, grouped_rows) = batches(0), batches(5)
+    assert sorted(r for b in grouped_rows for r in b) == sorted(r for b in plain_rows for r in b) == list(range(1, 71))
+    assert sorted(map(len, grouped)) == sorted(map(len, plain))  # 17 full batches and one of 2
+    assert padded(grouped) < 0.8 * padded(plain)
+    for w in range(0, 20, 5):  # a window's batches are consecutive slices of its sorted lengths
+        window = sorted(grouped[w:w + 5], key=min)
+        assert all(max(a) <= min(b) for a, b in zip(window, window[1:]))
+    assert batches(5) == (grouped, grouped_rows)  # seeded: the same order again
+    assert batches(5, seed=1)[1] != grouped_rows
+    with pytest.raises(ValueError, match="group_by_length"):
+        TrainConfig(group_by_length=-1)
 
 
 def test_feature_cache_matches_live_encoders(base_model, data, tmp_path, fresh):

@@ -14,6 +14,10 @@ the produced image / audio / video is read back with ``analyse_image`` /
 share of requests that gave media of the requested modality at all (a missing one
 scores wrong on every attribute).
 
+Brief requests (image and audio out): requests that leave attributes out ("Draw a blue
+square."), scored like generation against the spec they ask for, the left-out attributes at
+``world.BRIEF_DEFAULTS``; ``produced`` says whether the model chose the right modality.
+
 Decoder (the ceiling of generation): the same requests' true captions, encoded by each
 decoder's own text encoder and rendered with the same seed and settings, read back the same
 way. Generation below it is lost on the LLM side (signal states, output projector).
@@ -41,7 +45,8 @@ from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES
 
 DESCRIBE = {"image": "Describe the image.", "audio": "Describe the audio.", "video": "Describe the video."}
 SPLIT_NAMES = {"train": "held-in", "test": "held-out"}
-TASK_NAMES = {"decoder": "generation (true caption)"}
+TASK_NAMES = {"decoder": "generation (true caption)", "brief": "generation (brief request)"}
+TASKS = ("understanding", "generation", "brief", "decoder", "dialogue")
 
 
 def _rng(seed: int, *names: str) -> np.random.Generator:
@@ -116,18 +121,24 @@ def evaluate_understanding(model, modality: str, split: str, n: int, seed: int =
             "qa": {a: _mean(v) for a, v in qa.items()}, "examples": examples}
 
 
-def _generation_requests(modality: str, split: str, n: int, seed: int) -> tuple[list, list[str]]:
+def _generation_requests(modality: str, split: str, n: int, seed: int, brief: bool = False) -> tuple[list, list[str]]:
     """(specs, request texts) of the generation tasks: the same for ``evaluate_generation``
-    and ``evaluate_decoder``, so the ceiling is measured on the very requests."""
-    rng = _rng(seed, "generate", modality, split)
+    and ``evaluate_decoder``, so the ceiling is measured on the very requests. ``brief``:
+    requests that leave attributes out, with the specs they ask for."""
+    rng = _rng(seed, "brief" if brief else "generate", modality, split)
     specs = [world.sample_spec(rng, modality, split) for _ in range(n)]
-    return specs, [world.generation_request(s, rng) for s in specs]
+    if not brief:
+        return specs, [world.generation_request(s, rng) for s in specs]
+    pairs = [world.brief_generation_request(s, rng) for s in specs]
+    return [spec for spec, _ in pairs], [request for _, request in pairs]
 
 
 def evaluate_generation(model, modality: str, split: str, n: int, seed: int = 0, batch: int = 8,
-                        max_new_tokens: int = 40, keep_examples: int = 3, **decoder_kwargs) -> dict:
-    """{"produced": rate, attr: acc, ..., "all": exact match, "examples": [...]} for ``n`` requests."""
-    specs, prompts = _generation_requests(modality, split, n, seed)
+                        max_new_tokens: int = 40, keep_examples: int = 3, brief: bool = False,
+                        **decoder_kwargs) -> dict:
+    """{"produced": rate, attr: acc, ..., "all": exact match, "examples": [...]} for ``n`` requests
+    (``brief``: requests that leave attributes out, see ``world.brief_generation_request``)."""
+    specs, prompts = _generation_requests(modality, split, n, seed, brief)
     results = _ask(model, [{"prompt": p} for p in prompts], batch, max_new_tokens, **decoder_kwargs)
     attrs = list(world.attribute_values(modality))
     rows, produced, examples = [], [], []
@@ -271,6 +282,11 @@ def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_
                     if m in getattr(model, "output_modalities", world.MODALITIES):
                         report[split][task][m] = evaluate_generation(model, m, split, gen_n or n, seed,
                                                                      max(1, batch // 2), **decoder_kwargs)
+                elif task == "brief":
+                    if m in world.BRIEF_DEFAULTS and m in getattr(model, "output_modalities", world.MODALITIES):
+                        report[split][task][m] = evaluate_generation(model, m, split, gen_n or n, seed,
+                                                                     max(1, batch // 2), brief=True,
+                                                                     **decoder_kwargs)
                 elif task == "decoder":
                     if m in getattr(model, "output_modalities", world.MODALITIES):
                         report[split][task][m] = evaluate_decoder(model, m, split, gen_n or n, seed,
@@ -280,8 +296,7 @@ def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_
                         report[split][task]["any"] = evaluate_dialogues(model, split, gen_n or n, seed,
                                                                         **decoder_kwargs)
                 else:
-                    raise ValueError(f"unknown task {task!r}; use 'understanding', 'generation', 'decoder' "
-                                     f"and/or 'dialogue'")
+                    raise ValueError(f"unknown task {task!r}; use any of {list(TASKS)}")
     return report
 
 
@@ -320,5 +335,5 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["chance", "evaluate", "evaluate_decoder", "evaluate_dialogues", "evaluate_generation",
+__all__ = ["TASKS", "chance", "evaluate", "evaluate_decoder", "evaluate_dialogues", "evaluate_generation",
            "evaluate_understanding", "newcomer_check", "newcomer_specs", "newcomer_table", "read_output", "table"]

@@ -629,6 +629,10 @@ def caption(spec: Spec, rng: Optional[np.random.Generator] = None) -> str:
 
 def generation_request(spec: Spec, rng: Optional[np.random.Generator] = None) -> str:
     """A user request for media matching ``spec``: "Draw a red circle on the left."."""
+    return _request(spec.modality, describe(spec, rng), rng)
+
+
+def _request(modality: str, noun_phrase: str, rng: Optional[np.random.Generator]) -> str:
     templates = {
         "image": ("Draw {}.", "Can you draw {}?", "Please make a picture of {}.", "Show me an image of {}.",
                   "Generate an image with {}."),
@@ -636,8 +640,41 @@ def generation_request(spec: Spec, rng: Optional[np.random.Generator] = None) ->
                   "Let me hear {}."),
         "video": ("Show {} in a video.", "Make a video of {}.", "Animate {}.", "Can you generate a clip of {}?",
                   "Create a video showing {}."),
-    }[spec.modality]
-    return _pick(templates, rng).format(describe(spec, rng))
+    }[modality]
+    return _pick(templates, rng).format(noun_phrase)
+
+
+# What a brief request leaves out, and what is made then: "Draw a red circle." is one large
+# red circle in the middle, "Play two low beeps." is pure. Never an attribute of a held-out
+# pair (HOLDOUTS), so the filled-in spec stays in its split. Videos have no brief form:
+# colour, shape and direction are all needed.
+BRIEF_DEFAULTS = {"image": {"size": "large", "position": "center", "count": 1}, "audio": {"timbre": "pure"}}
+
+
+def brief_generation_request(spec: Spec, rng: np.random.Generator) -> tuple[Spec, str]:
+    """A request that names only some of ``spec``'s attributes ("Draw two red circles."),
+    and the spec it asks for: each attribute of ``BRIEF_DEFAULTS`` is left out with
+    probability 1/2 (at least one that the text would name) and takes its default value."""
+    defaults = BRIEF_DEFAULTS.get(spec.modality)
+    if defaults is None:
+        raise ValueError(f"{spec.modality} requests have no brief form; brief requests exist for {list(BRIEF_DEFAULTS)}")
+    names = list(defaults)
+    omit = [a for a in names if rng.random() < 0.5]
+    if not [a for a in omit if a != "count"]:  # without a number, "a red circle" still names one
+        rest = [a for a in names if a != "count"]
+        omit.append(rest[int(rng.integers(len(rest)))])
+    filled = spec.replace(**{a: defaults[a] for a in omit})
+    if spec.modality == "image":
+        size = "" if "size" in omit else _pick(dict(SIZE_WORDS)[filled.size], rng) + " "
+        pos = "" if "position" in omit else " " + _pick(dict(POSITION_PHRASES)[filled.position], rng)
+        det = NUMBER_WORDS[filled.count - 1] if filled.count > 1 else _article(size or filled.colour)
+        phrase = f"{det} {size}{filled.colour} {plural(filled.shape, filled.count)}{pos}"
+    else:
+        num = NUMBER_WORDS[filled.count - 1] if filled.count > 1 else _pick(("one", "a single"), rng)
+        pitch = _pick(dict(PITCH_WORDS)[filled.pitch], rng)
+        phrase = _pick((f"{num} {pitch} {plural('beep', filled.count)}",
+                        f"a {pitch} tone beeping {TIMES_WORDS[filled.count - 1]}"), rng)
+    return filled, _request(spec.modality, phrase, rng)
 
 
 def generation_reply(spec: Spec, rng: Optional[np.random.Generator] = None) -> str:

@@ -34,6 +34,7 @@ FLAGS = {
     "--nan-policy": ("nan_policy", str, "skip | stop on a NaN/Inf loss"),
     "--mix": ("mix", str, "mixed | alternate: how several data files share batches"),
     "--shuffle-buffer": ("shuffle_buffer", int, "streaming shuffle buffer size (0: file order)"),
+    "--group-by-length": ("group_by_length", int, "batch similar lengths together within windows of N batches (0: off)"),
     "--feature-cache": ("feature_cache", str, "dir written by scripts/cache_features.py"),
     "--seed": ("seed", int, "random seed"),
 }

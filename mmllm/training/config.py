@@ -33,6 +33,9 @@ class TrainConfig(JsonConfig):
     precision: ``fp32`` (or ``no``), ``bf16`` or ``fp16`` mixed precision (accelerate).
     l2_scale: per-modality weight of the L2 loss to the decoder's text conditioning.
     mix: ``mixed`` batches (sources interleaved row by row) or ``alternate`` (whole batches).
+    group_by_length: LLaVA-style length grouping: each window of this many batches' examples
+        is sorted by token length before it is cut into batches, which run in a seeded random
+        order; less padding, same examples per epoch. 0: batches in stream order.
     save_every / eval_every / log_every: in optimiser steps; 0 disables.
     resume: a checkpoint directory, or ``latest`` for the newest under ``out/checkpoints``.
     nan_policy: on a NaN/Inf loss, ``skip`` the step (weights untouched) or ``stop``.
@@ -63,6 +66,7 @@ class TrainConfig(JsonConfig):
     l2_scale: dict = field(default_factory=lambda: {"image": 1.0, "audio": 1.0, "video": 1.0})
     mix: str = "mixed"
     shuffle_buffer: int = 0
+    group_by_length: int = 0
     lora: Optional[LoraConfig] = None
     save_every: int = 0
     eval_every: int = 0
@@ -85,6 +89,8 @@ class TrainConfig(JsonConfig):
             raise ValueError("set steps > 0 or epochs > 0")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length={self.group_by_length}; use 0 (off) or a window of N >= 1 batches")
 
     @property
     def mixed_precision(self) -> str:

@@ -377,15 +377,19 @@ class StreamingData(IterableDataset):
 
     ``mix="mixed"`` interleaves the sources row by row, ``"alternate"`` batch by batch. With
     ``shuffle_buffer > 0`` examples pass through a seeded shuffle buffer (same order for the
-    same seed and epoch). Batch ``j`` goes to process ``j % world``; a last incomplete round
-    is dropped so every process runs the same number of steps. ``skip`` batches are passed
-    over without decoding any media (exact resume).
+    same seed and epoch). With ``group_by_length > 0`` each window of that many batches is
+    sorted by token count before it is cut, and its batches run in a seeded random order
+    (LLaVA's length grouping: less padding). Batch ``j`` goes to process ``j % world``; a last
+    incomplete round is dropped so every process runs the same number of steps. ``skip``
+    batches are passed over without decoding any media (exact resume).
     """
 
     def __init__(self, sources: list[Source], builder: ExampleBuilder, batch_size: int, report: DataReport,
-                 mix: str = "mixed", shuffle_buffer: int = 0, seed: int = 0, rank: int = 0, world: int = 1):
+                 mix: str = "mixed", shuffle_buffer: int = 0, seed: int = 0, rank: int = 0, world: int = 1,
+                 group_by_length: int = 0):
         self.sources, self.builder, self.batch_size, self.report = sources, builder, batch_size, report
         self.mix, self.shuffle_buffer, self.seed, self.rank, self.world = mix, shuffle_buffer, seed, rank, world
+        self.group_by_length = group_by_length
         self.epoch, self.skip = 0, 0
 
     def _examples(self, source: Source) -> Iterator[Example]:
@@ -411,16 +415,19 @@ class StreamingData(IterableDataset):
         rng = random.Random(self.seed * 100003 + self.epoch)
         streams = [self._shuffled(self._examples(s), rng) for s in self.sources]
         if self.mix == "mixed":
-            batch: list[Example] = []
-            for ex in _round_robin(streams):
-                batch.append(ex)
-                if len(batch) == self.batch_size:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
+            yield from self._cut(_round_robin(streams), rng)
         else:
-            yield from _round_robin([_chunks(s, self.batch_size) for s in streams])
+            yield from _round_robin([self._cut(s, rng) for s in streams])
+
+    def _cut(self, examples: Iterator[Example], rng: random.Random) -> Iterator[list[Example]]:
+        if self.group_by_length <= 0:
+            yield from _chunks(examples, self.batch_size)
+            return
+        for window in _chunks(examples, self.batch_size * self.group_by_length):
+            window.sort(key=lambda ex: len(ex.ids))
+            batches = list(_chunks(iter(window), self.batch_size))
+            rng.shuffle(batches)
+            yield from batches
 
     def global_batches(self) -> Iterator[list[Example]]:
         """All processes' batches, in order, complete rounds only."""

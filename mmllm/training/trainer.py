@@ -146,7 +146,7 @@ class Trainer:
         builder = ExampleBuilder(self.model, cfg.data_root)
         sources = sources_from(cfg.captions, cfg.generation, cfg.conversations)
         data = StreamingData(sources, builder, cfg.batch_size, self.report, cfg.mix, cfg.shuffle_buffer, cfg.seed,
-                             self.acc.process_index, self.acc.num_processes)
+                             self.acc.process_index, self.acc.num_processes, group_by_length=cfg.group_by_length)
         cache = FeatureCache(cfg.feature_cache, self.model) if cfg.feature_cache else None
         return data, Collator(self.model, self.report, cache)
 
