@@ -92,7 +92,7 @@ class MediaOptions:
             if unknown:
                 raise ValueError(f"output_modalities {unknown} not available; this model outputs {list(model.output_modalities)}")
         settings = {k: kwargs.pop(k) for k in DECODER_SETTINGS if k in kwargs}
-        return cls(allowed, kwargs.pop("max_media", None), kwargs.pop("media_seed", 0), settings)
+        return cls(allowed, kwargs.pop("max_media", None), kwargs.pop("media_seed", cls.seed), settings)
 
 
 def _generation_kwargs(model, max_new_tokens, temperature, top_p, extra, media: MediaOptions | None = None) -> dict:
