@@ -158,6 +158,20 @@ def test_brief_requests_name_what_they_keep_and_default_the_rest(modality):
         world.brief_generation_request(world.sample_spec(rng, "video"), rng)
 
 
+def test_generation_requests_are_stable():
+    """Pinned: the shipped default was trained on these draws; a change in how the
+    requests consume the rng gives a fresh build other data than the shipped one."""
+    got = {m: [r for r, _, _ in world.make_generation_pairs(2, m, seed=0)] for m in world.MODALITIES}
+    assert got == {
+        "image": ["Please make a picture of a big circle on the right side, coloured blue.",
+                  "Generate an image with two yellow triangles, large, on the left side."],
+        "audio": ["Make a sound of two medium beeps with a smooth tone.",
+                  "Generate audio of a hollow mid-pitched tone beeping twice."],
+        "video": ["Make a video of a cross in red, travelling downwards.",
+                  "Create a video showing a yellow cross sliding left."],
+    }
+
+
 def test_canonical_captions_read_naturally():
     assert world.canonical_caption(ImageSpec("red", "circle", "small", "left", 1)) == "a small red circle on the left"
     three = ImageSpec("blue", "cross", "large", "top", 3)

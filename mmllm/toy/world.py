@@ -629,10 +629,11 @@ def caption(spec: Spec, rng: Optional[np.random.Generator] = None) -> str:
 
 def generation_request(spec: Spec, rng: Optional[np.random.Generator] = None) -> str:
     """A user request for media matching ``spec``: "Draw a red circle on the left."."""
-    return _request(spec.modality, describe(spec, rng), rng)
+    template = _request_template(spec.modality, rng)  # drawn before the phrase: data sets stay as they were
+    return template.format(describe(spec, rng))
 
 
-def _request(modality: str, noun_phrase: str, rng: Optional[np.random.Generator]) -> str:
+def _request_template(modality: str, rng: Optional[np.random.Generator]) -> str:
     templates = {
         "image": ("Draw {}.", "Can you draw {}?", "Please make a picture of {}.", "Show me an image of {}.",
                   "Generate an image with {}."),
@@ -641,7 +642,7 @@ def _request(modality: str, noun_phrase: str, rng: Optional[np.random.Generator]
         "video": ("Show {} in a video.", "Make a video of {}.", "Animate {}.", "Can you generate a clip of {}?",
                   "Create a video showing {}."),
     }[modality]
-    return _pick(templates, rng).format(noun_phrase)
+    return _pick(templates, rng)
 
 
 # What a brief request leaves out, and what is made then: "Draw a red circle." is one large
@@ -658,6 +659,7 @@ def brief_generation_request(spec: Spec, rng: np.random.Generator) -> tuple[Spec
     defaults = BRIEF_DEFAULTS.get(spec.modality)
     if defaults is None:
         raise ValueError(f"{spec.modality} requests have no brief form; brief requests exist for {list(BRIEF_DEFAULTS)}")
+    template = _request_template(spec.modality, rng)
     names = list(defaults)
     omit = [a for a in names if rng.random() < 0.5]
     if not [a for a in omit if a != "count"]:  # without a number, "a red circle" still names one
@@ -674,7 +676,7 @@ def brief_generation_request(spec: Spec, rng: np.random.Generator) -> tuple[Spec
         pitch = _pick(dict(PITCH_WORDS)[filled.pitch], rng)
         phrase = _pick((f"{num} {pitch} {plural('beep', filled.count)}",
                         f"a {pitch} tone beeping {TIMES_WORDS[filled.count - 1]}"), rng)
-    return filled, _request(spec.modality, phrase, rng)
+    return filled, template.format(phrase)
 
 
 def generation_reply(spec: Spec, rng: Optional[np.random.Generator] = None) -> str:
