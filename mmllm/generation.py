@@ -76,11 +76,17 @@ def build_request(model, prompt: str | None, media: dict[str, Any], history: lis
 @dataclass
 class MediaOptions:
     """Output-side controls: which modalities may be produced, how many per turn, and
-    the decoder settings (steps, guidance, size, frames, audio length, seed)."""
+    the decoder settings (steps, guidance, size, frames, audio length, seed).
+
+    ``seed`` (``media_seed=`` in ``generate``): ``None`` draws each output's initial noise from
+    torch's global generator, so a call with ``seed=`` repeats exactly and outputs differ
+    otherwise; an int renders every output from that one fixed noise. A fixed default made
+    every call draw from the same noise, a poor draw for the toy image decoder
+    (docs/RESULTS.md)."""
 
     allowed: set[str] | None = None
     max_per_turn: int | None = None
-    seed: int | None = 0
+    seed: int | None = None
     settings: dict = field(default_factory=dict)
 
     @classmethod

@@ -85,6 +85,22 @@ def test_output_modalities_and_cap(tiny):
         assert not tiny.generate("draw", max_new_tokens=6, output_modalities=["audio"]).images
 
 
+def test_media_noise_is_fresh_by_default_and_repeats_with_a_seed(tiny, force_first_signal):
+    """Without seeds each call draws new noise; generate(seed=) repeats the media exactly, and
+    media_seed= renders from one fixed noise whatever the global generator holds."""
+    def draw(**kw):
+        out = tiny.generate("draw", max_new_tokens=6, logits_processor=[force_first_signal(tiny, "image")],
+                            num_inference_steps=2, **kw)
+        return np.asarray(out.images[0].image)
+
+    assert not np.array_equal(draw(), draw())
+    assert np.array_equal(draw(seed=3), draw(seed=3))
+    torch.manual_seed(1)
+    fixed = draw(media_seed=7)
+    torch.manual_seed(2)
+    assert np.array_equal(fixed, draw(media_seed=7))
+
+
 def test_only_new_token_rows_get_gradients(tiny):
     model = mmllm.load("tiny")
     model.requires_grad_(False)

@@ -305,7 +305,7 @@ def test_decoder_ceiling_renders_each_requests_true_caption():
     for split in ("train", "test"):
         assert all(v == 1.0 for k, v in report[split]["decoder"]["image"].items())
         assert report[split]["generation"]["image"]["produced"] == 0.0
-    assert good.decoders["image"].calls == [(0, {"guidance_scale": 3.0})] * 8  # num_frames is not an image setting
+    assert good.decoders["image"].calls == [(None, {"guidance_scale": 3.0})] * 8  # num_frames is not an image setting
     evaluate(good, splits=("test",), gen_n=1, tasks=("decoder",), modalities=("image",), media_seed=5)
     assert good.decoders["image"].calls[-1] == (5, {})  # generate()'s media_seed, when the caller sets one
     worse = evaluate(bad, splits=("test",), gen_n=4, tasks=("decoder",), modalities=("image",))

@@ -76,9 +76,14 @@ def read_output(modality: str, out: Any) -> dict:
     return oracle.analyse_video(out.frames)
 
 
-def _ask(model, requests: list[dict], batch: int, max_new_tokens: int, **kwargs) -> list:
+def _ask(model, requests: list[dict], batch: int, max_new_tokens: int, seed: Optional[int] = None,
+         **kwargs) -> list:
+    """Greedy answers, ``batch`` requests at a time; with ``seed`` batch ``k`` runs under
+    ``seed + k`` (``generate_batch(seed=)``), so drawn media noise repeats run to run."""
     results = []
     for i in range(0, len(requests), batch):
+        if seed is not None:
+            kwargs["seed"] = seed + i // batch
         results += model.generate_batch(requests[i:i + batch], max_new_tokens=max_new_tokens, temperature=0.0,
                                         **kwargs)
     return results
@@ -139,7 +144,7 @@ def evaluate_generation(model, modality: str, split: str, n: int, seed: int = 0,
     """{"produced": rate, attr: acc, ..., "all": exact match, "examples": [...]} for ``n`` requests
     (``brief``: requests that leave attributes out, see ``world.brief_generation_request``)."""
     specs, prompts = _generation_requests(modality, split, n, seed, brief)
-    results = _ask(model, [{"prompt": p} for p in prompts], batch, max_new_tokens, **decoder_kwargs)
+    results = _ask(model, [{"prompt": p} for p in prompts], batch, max_new_tokens, seed=seed, **decoder_kwargs)
     attrs = list(world.attribute_values(modality))
     rows, produced, examples = [], [], []
     empty = {a: None for a in attrs}
@@ -156,11 +161,16 @@ def evaluate_generation(model, modality: str, split: str, n: int, seed: int = 0,
     return out
 
 
-def evaluate_decoder(model, modality: str, split: str, n: int, seed: int = 0, **decoder_kwargs) -> dict:
+def evaluate_decoder(model, modality: str, split: str, n: int, seed: int = 0, batch: int = 8,
+                     **decoder_kwargs) -> dict:
     """The model's own decoder fed its text encoder's conditioning of each request's true
-    caption, with the requests, seed and settings of ``evaluate_generation``: what generation
-    would score with a perfect LLM and output projector. The gap between the two is what the
-    LLM side loses; this score is the decoder's ceiling."""
+    caption, with the requests, seeds and settings of ``evaluate_generation`` (same ``batch``:
+    each batch's noise is drawn after ``torch.manual_seed(seed + k)``, as ``generate_batch``
+    draws it when every request gives one output): what generation would score with a perfect
+    LLM and output projector. The gap between the two is what the LLM side loses; this score
+    is the decoder's ceiling."""
+    import torch
+
     decoders = getattr(model, "decoders", None)
     if not decoders or modality not in decoders:
         raise ValueError(f"the 'decoder' task needs model.decoders[{modality!r}]: a model that outputs {modality}")
@@ -169,7 +179,9 @@ def evaluate_decoder(model, modality: str, split: str, n: int, seed: int = 0, **
     settings = {k: v for k, v in decoder_kwargs.items() if k in decoder.defaults}
     seed_media = decoder_kwargs.get("media_seed", MediaOptions.seed)  # what generate() renders with
     rows = []
-    for s in specs:  # one at a time, as generate() renders each signal sequence
+    for i, s in enumerate(specs):  # one at a time, as generate() renders each signal sequence
+        if i % batch == 0 and seed_media is None:
+            torch.manual_seed(seed + i // batch)
         out = decoder.generate(decoder.encode_text([world.canonical_caption(s)]), seed=seed_media, **settings)
         rows.append(oracle.score(read_output(modality, out[0]), s))
     attrs = list(world.attribute_values(modality))
@@ -201,7 +213,7 @@ def evaluate_dialogues(model, split: str, n: int, seed: int = 0, max_new_tokens:
             if i == 0 and in_mod:
                 request[in_mod] = media
             reply = model.generate_batch([request], max_new_tokens=max_new_tokens, temperature=0.0,
-                                         **decoder_kwargs)[0]
+                                         seed=seed + len(turns_ok), **decoder_kwargs)[0]
             if i + 1 in outputs:
                 out = outputs[i + 1]
                 items = getattr(reply, RESULT_FIELD[out["modality"]])
@@ -290,7 +302,7 @@ def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_
                 elif task == "decoder":
                     if m in getattr(model, "output_modalities", world.MODALITIES):
                         report[split][task][m] = evaluate_decoder(model, m, split, gen_n or n, seed,
-                                                                  **decoder_kwargs)
+                                                                  max(1, batch // 2), **decoder_kwargs)
                 elif task == "dialogue":
                     if m == modalities[0]:  # dialogues mix modalities: one block, filed under "any"
                         report[split][task]["any"] = evaluate_dialogues(model, split, gen_n or n, seed,
