@@ -73,8 +73,8 @@ class DefaultSettings:
     focus_questions: dict = field(default_factory=lambda: {"image": "shape"})
     # Share of each output modality's generation pairs that also get a brief request, which
     # leaves attributes out (world.brief_generation_request: "Draw a blue square." is one large
-    # one in the middle). Off: the shipped default answers 19-31% of brief image requests with
-    # another modality, but the build with {"image": 0.5, "audio": 0.5} (and length grouping)
+    # one in the middle). Off: the shipped default draws no image for 19-25% of brief image
+    # requests held-in, but the build with {"image": 0.5, "audio": 0.5} (and length grouping)
     # read image colour worse (docs/RESULTS.md, "Brief requests and length grouping").
     brief_requests: dict = field(default_factory=dict)
     # Learning rates from 120-step sweeps on image captions (docs/RESULTS.md, "Where the gap was"):
