@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from ..generation import RESULT_FIELD, MediaOptions
 from . import oracle, world
@@ -76,14 +77,20 @@ def read_output(modality: str, out: Any) -> dict:
     return oracle.analyse_video(out.frames)
 
 
+def _batch_seed(seed: int, index: int, batch: int) -> int:
+    """The seed of the batch holding request ``index``: ``seed + k`` for batch ``k``. Both the
+    generation task (``generate_batch(seed=)``) and its decoder ceiling draw noise under it."""
+    return seed + index // batch
+
+
 def _ask(model, requests: list[dict], batch: int, max_new_tokens: int, seed: Optional[int] = None,
          **kwargs) -> list:
-    """Greedy answers, ``batch`` requests at a time; with ``seed`` batch ``k`` runs under
-    ``seed + k`` (``generate_batch(seed=)``), so drawn media noise repeats run to run."""
+    """Greedy answers, ``batch`` requests at a time; with ``seed`` each batch runs under
+    ``_batch_seed``, so drawn media noise repeats run to run."""
     results = []
     for i in range(0, len(requests), batch):
         if seed is not None:
-            kwargs["seed"] = seed + i // batch
+            kwargs["seed"] = _batch_seed(seed, i, batch)
         results += model.generate_batch(requests[i:i + batch], max_new_tokens=max_new_tokens, temperature=0.0,
                                         **kwargs)
     return results
@@ -169,8 +176,6 @@ def evaluate_decoder(model, modality: str, split: str, n: int, seed: int = 0, ba
     draws it when every request gives one output): what generation would score with a perfect
     LLM and output projector. The gap between the two is what the LLM side loses; this score
     is the decoder's ceiling."""
-    import torch
-
     decoders = getattr(model, "decoders", None)
     if not decoders or modality not in decoders:
         raise ValueError(f"the 'decoder' task needs model.decoders[{modality!r}]: a model that outputs {modality}")
@@ -181,7 +186,7 @@ def evaluate_decoder(model, modality: str, split: str, n: int, seed: int = 0, ba
     rows = []
     for i, s in enumerate(specs):  # one at a time, as generate() renders each signal sequence
         if i % batch == 0 and seed_media is None:
-            torch.manual_seed(seed + i // batch)
+            torch.manual_seed(_batch_seed(seed, i, batch))
         out = decoder.generate(decoder.encode_text([world.canonical_caption(s)]), seed=seed_media, **settings)
         rows.append(oracle.score(read_output(modality, out[0]), s))
     attrs = list(world.attribute_values(modality))
@@ -290,14 +295,12 @@ def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_
                 progress(f"{SPLIT_NAMES.get(split, split)} {task} {m}")
                 if task == "understanding":
                     report[split][task][m] = evaluate_understanding(model, m, split, n, seed, batch)
-                elif task == "generation":
-                    if m in getattr(model, "output_modalities", world.MODALITIES):
+                elif task in ("generation", "brief"):
+                    brief = task == "brief"  # only image and audio requests have a brief form
+                    if m in getattr(model, "output_modalities", world.MODALITIES) and \
+                            (not brief or m in world.BRIEF_DEFAULTS):
                         report[split][task][m] = evaluate_generation(model, m, split, gen_n or n, seed,
-                                                                     max(1, batch // 2), **decoder_kwargs)
-                elif task == "brief":
-                    if m in world.BRIEF_DEFAULTS and m in getattr(model, "output_modalities", world.MODALITIES):
-                        report[split][task][m] = evaluate_generation(model, m, split, gen_n or n, seed,
-                                                                     max(1, batch // 2), brief=True,
+                                                                     max(1, batch // 2), brief=brief,
                                                                      **decoder_kwargs)
                 elif task == "decoder":
                     if m in getattr(model, "output_modalities", world.MODALITIES):
