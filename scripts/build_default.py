@@ -34,6 +34,11 @@ def main(argv=None) -> None:
                         help="enough steps of everything for each loss to fall, in about a minute")
     parser.add_argument("--force", action="store_true", help="retrain both stages")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--component-split", choices=("train", "all"), default=None,
+                        help="world split the frozen components train on (default train; the stages "
+                             "always train on the train split), see docs/TOY.md")
+    parser.add_argument("--stage2-mix", choices=("alternate", "spread", "mixed"), default=None,
+                        help="how stage 2's files share batches (default alternate; TrainConfig.mix)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads; 1 is up to 10x faster on a CPU shared with other jobs "
                              "(OpenMP threads wait for each other), see docs/RESULTS.md")
@@ -54,10 +59,14 @@ def main(argv=None) -> None:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
+    if args.stage2_mix:
+        settings.stage2_mix = args.stage2_mix
+    components = BuildSettings.smoke() if args.smoke else BuildSettings.fast() if args.fast else BuildSettings()
+    if args.component_split:
+        components.split = args.component_split
     start = time.time()
     path = build_default(args.root, device=args.device, fast=args.fast, settings=settings,
-                         progress=not args.no_progress, force=args.force,
-                         component_settings=BuildSettings.smoke() if args.smoke else None)
+                         progress=not args.no_progress, force=args.force, component_settings=components)
     print(f"built {path} in {time.time() - start:.0f} s")
 
 

@@ -6,6 +6,7 @@
     python scripts/build_toy.py --evaluate            # then score them with the oracles
     python scripts/build_toy.py --root /tmp/v --only clip --steps clip=1000 --clip-shape-groups 0
                                                       # a CLIP variant (probe it: scripts/probe_clip.py)
+    python scripts/build_toy.py --root /tmp/a --split all   # components that see the held-out pairs too
 
 Components already complete are skipped; see ``mmllm.toy.components`` for the layout.
 """
@@ -33,6 +34,8 @@ def main(argv=None) -> None:
                         help="override step counts, e.g. image_decoder=800 clip=400")
     parser.add_argument("--clip-shape-groups", type=int, default=None, metavar="N",
                         help="groups of shape hard negatives per CLIP batch (default: BuildSettings')")
+    parser.add_argument("--split", choices=("train", "all"), default=None,
+                        help="world split the components train on (default: BuildSettings', train)")
     parser.add_argument("--evaluate", action="store_true", help="score with the oracles; writes quality.json")
     parser.add_argument("--eval-n", type=int, default=48, help="prompts per split and modality when evaluating")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -48,6 +51,8 @@ def main(argv=None) -> None:
     settings = BuildSettings.fast() if args.fast else BuildSettings()
     if args.clip_shape_groups is not None:
         settings = replace(settings, clip_shape_groups=args.clip_shape_groups)
+    if args.split is not None:
+        settings = replace(settings, split=args.split)
     paths = build_components(args.root, device=args.device, seed=args.seed, steps=steps, settings=settings,
                              only=args.only, force=args.force, progress=not args.no_progress)
     print(f"toy components ready in {time.time() - start:.0f} s under {paths['clip'].parent}")

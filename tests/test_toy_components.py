@@ -67,6 +67,19 @@ def test_shape_groups_differ_only_in_shape_and_keep_out_held_out_pairs():
         assert not any(world.is_held_out(s) for s in specs)
 
 
+def test_split_all_shows_components_held_out_pairs_and_train_recipes_stay_valid():
+    from mmllm.toy.components import audio_pool, image_pool
+
+    assert "split" not in BuildSettings().recipe("clip")  # train-split builds keep their recipes
+    assert BuildSettings(split="all").recipe("image_decoder")["split"] == "all"
+    rng = np.random.default_rng(0)
+    assert any(len(shape_group(rng, "all")[0]) == len(world.SHAPES) for _ in range(20))
+    for pool in (image_pool, audio_pool):
+        specs, _ = pool(200, rng, "all")
+        assert any(world.is_held_out(s) for s in specs) and not all(world.is_held_out(s) for s in specs)
+        assert not any(world.is_held_out(s) for s in pool(200, rng, "train")[0])
+
+
 def test_image_encoder_loads_full_clip_checkpoint(root):
     from transformers import CLIPModel
 

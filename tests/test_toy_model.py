@@ -120,7 +120,8 @@ def test_later_settings_change_the_fingerprint_only_when_on():
     # If a recipe change means it, update the values.
     assert [base.stage_fingerprint(s, comps) for s in ("stage1", "stage2", "align")] == \
         ["0667fe8014b9a51b", "7a88fe161d31c80b", "1f364d370e1f6f4f"]
-    for changed in (DefaultSettings(brief_requests={"image": 0.5}), DefaultSettings(stage2_group_by_length=8)):
+    for changed in (DefaultSettings(brief_requests={"image": 0.5}), DefaultSettings(stage2_group_by_length=8),
+                    DefaultSettings(stage2_mix="spread")):
         assert changed.stage_fingerprint("stage1", comps) == base.stage_fingerprint("stage1", comps)
         for stage in ("stage2", "align"):
             assert changed.stage_fingerprint(stage, comps) != base.stage_fingerprint(stage, comps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,6 +215,30 @@ def test_group_by_length_pads_less_and_keeps_every_example(tmp_path):
     assert batches(5, seed=1)[1] != grouped_rows
     with pytest.raises(ValueError, match="group_by_length"):
         TrainConfig(group_by_length=-1)
+
+
+def test_spread_mix_spreads_every_source_over_the_epoch(tmp_path):
+    files = []
+    for name, rows in (("big", 40), ("mid", 12), ("small", 4)):  # 10, 3 and 1 batches of 4
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps({"n": 1 + i % 5}) + "\n" for i in range(rows)))
+
+    def order(mix):
+        stream = StreamingData(sources_from(captions=[str(f) for f in files]), LengthOnly(), 4, DataReport(), mix=mix)
+        batches = list(stream)
+        assert all(len({e.source for e in b}) == 1 for b in batches)  # whole batches from one file
+        assert sorted((e.source, e.row) for b in batches for e in b) == sorted(
+            (str(f), r) for f, n in zip(files, (40, 12, 4)) for r in range(1, n + 1))
+        return [Path(b[0].source).stem for b in batches]
+
+    alternate, spread = order("alternate"), order("spread")
+    assert alternate[-7:] == ["big"] * 7  # the largest file ends the epoch alone
+    assert spread == ["big", "big", "mid", "big", "big", "big", "mid", "small", "big", "big", "big", "mid", "big", "big"]
+    for name in ("big", "mid", "small"):  # each file's batches sit around the middle of the epoch
+        at = [i for i, s in enumerate(spread) if s == name]
+        assert abs(sum(at) / len(at) - (len(spread) - 1) / 2) <= 1.0
+    with pytest.raises(ValueError, match="mix"):
+        TrainConfig(mix="shuffled")
 
 
 def test_feature_cache_matches_live_encoders(base_model, data, tmp_path, fresh):

@@ -20,8 +20,10 @@ mmllm's real backends, exactly as a downloaded checkpoint would be::
 names the same builds of its dependencies (a rebuilt CLIP invalidates the decoders
 conditioned on its text tower). Each component is built
 in a temporary directory and renamed into place, so an interrupted build leaves nothing
-half-written. Everything trains on the ``train`` split only: held-out attribute pairs
-measure compositional generalisation (``mmllm.toy.quality``).
+half-written. By default everything trains on the ``train`` split only, so held-out
+attribute pairs measure compositional generalisation (``mmllm.toy.quality``);
+``BuildSettings(split="all")`` shows the frozen components every pair, as web-scale
+pretraining would, while the MMLLM's stages still see the train split alone.
 """
 
 from __future__ import annotations
@@ -99,6 +101,12 @@ class BuildSettings:
     # images that only shape tells apart, so without them CLIP barely learns shape (class-token
     # probe 0.67 held-in, 0.89 with them; docs/RESULTS.md "Shape hard negatives").
     clip_shape_groups: int = 16
+    # Which world split the components train on. "train" (the default) keeps the held-out
+    # attribute pairs from the frozen components as well as from the MMLLM's stages; "all"
+    # trains them on every pair, as a web-pretrained CLIP or Stable Diffusion has seen "a
+    # yellow circle" although the MMLLM's own training data never shows one. The stages'
+    # data are the train split either way (docs/TOY.md, "Which split the components see").
+    split: str = "train"
 
     @classmethod
     def fast(cls) -> "BuildSettings":
@@ -138,6 +146,8 @@ class BuildSettings:
             out["foreground_weight"] = self.foreground_weight
         if name.endswith("_decoder"):
             out.update(caption_dropout=self.caption_dropout, canonical_fraction=self.canonical_fraction)
+        if self.split != "train":  # recorded only when changed: the train-split builds stay valid
+            out["split"] = self.split
         return out
 
 
@@ -261,12 +271,12 @@ def image_pool(n: int, rng: np.random.Generator, split: str = "train"):
     return specs, np.stack([world.render_image(s, IMAGE_SIZE, rng=rng) for s in specs])
 
 
-def shape_group(rng: np.random.Generator):
-    """(specs, uint8 (K, 32, 32, 3)): one random train-split image spec in every shape whose
-    colour pair is not held out, each rendered with jitter. In a CLIP batch these are hard
+def shape_group(rng: np.random.Generator, split: str = "train"):
+    """(specs, uint8 (K, 32, 32, 3)): one random image spec of ``split`` in every shape whose
+    colour pair is in that split, each rendered with jitter. In a CLIP batch these are hard
     negatives: only shape tells them apart."""
-    base = world.sample_spec(rng, "image", "train")
-    specs = [s for s in (replace(base, shape=shape) for shape in world.SHAPES) if not world.is_held_out(s)]
+    base = world.sample_spec(rng, "image", split)
+    specs = [s for s in (replace(base, shape=shape) for shape in world.SHAPES) if world.in_split(s, split)]
     return specs, np.stack([world.render_image(s, IMAGE_SIZE, rng=rng) for s in specs])
 
 
@@ -352,7 +362,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
         projection_dim=64,
     )
     model = CLIPModel(config).to(device).train()
-    specs, images = image_pool(settings.pool["image"], rng)
+    specs, images = image_pool(settings.pool["image"], rng, settings.split)
     pixels = unit_rgb(images)
     mean, std = pixels.mean((0, 2, 3)).view(1, 3, 1, 1), pixels.std((0, 2, 3)).view(1, 3, 1, 1)
     pixels = (pixels - mean) / std
@@ -364,7 +374,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
         idx = rng.choice(len(specs), size=n_random, replace=False)
         batch_specs, batch_pixels = [specs[i] for i in idx], [pixels[idx]]
         for _ in range(groups):
-            group_specs, group_images = shape_group(rng)
+            group_specs, group_images = shape_group(rng, settings.split)
             batch_specs += group_specs
             batch_pixels.append((unit_rgb(group_images) - mean) / std)
         captions = [sample_caption(spec, rng) for spec in batch_specs]
@@ -396,7 +406,7 @@ def build_audio_encoder(out: Path, clip_dir: Path, settings: BuildSettings, devi
     rng = _rng(seed, "audio_encoder")
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-    specs, waves = audio_pool(settings.pool["audio"], rng)
+    specs, waves = audio_pool(settings.pool["audio"], rng, settings.split)
     extractor = ASTFeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, num_mel_bins=32, max_length=100,
                                     do_normalize=False)
     feats = extractor(list(waves), sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_values"]  # (N, 100, 32)
@@ -443,9 +453,9 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
 
     rng = _rng(seed, "vae")
     torch.manual_seed(seed)
-    _, images = image_pool(settings.pool["image"] // 2, rng)
-    _, videos = video_pool(max(1, settings.pool["video"] // 8), rng)
-    _, waves = audio_pool(settings.pool["audio"] // 2, rng)
+    _, images = image_pool(settings.pool["image"] // 2, rng, settings.split)
+    _, videos = video_pool(max(1, settings.pool["video"] // 8), rng, settings.split)
+    _, waves = audio_pool(settings.pool["audio"] // 2, rng, settings.split)
     square = torch.cat([to_unit(images), to_unit(videos.reshape(-1, *videos.shape[2:]))])  # (N, 3, 32, 32)
     spectro = spectrogram_images(waves, MelSpectrogramSpec())  # (M, 3, 16, 64)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
@@ -570,7 +580,7 @@ def build_image_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
     text_encoder = clip_text_encoder(root / "clip")
     tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
-    specs, images = image_pool(settings.pool["image"], rng)
+    specs, images = image_pool(settings.pool["image"], rng, settings.split)
     pixels = to_unit(images)
     latents = _latents(vae, pixels, device)  # (N, 4, 16, 16)
     weights = loss_weights(foreground(pixels), settings.foreground_weight, pixels.shape[-1] // latents.shape[-1])
@@ -594,7 +604,7 @@ def build_audio_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     text_dir = root / "audio_encoder" / "text_encoder"
     text_encoder = CLIPTextModel.from_pretrained(text_dir)
     tokenizer = CLIPTokenizer.from_pretrained(text_dir)
-    specs, waves = audio_pool(settings.pool["audio"], rng)
+    specs, waves = audio_pool(settings.pool["audio"], rng, settings.split)
     pixels = spectrogram_images(waves, mel)
     latents = _latents(vae, pixels, device)  # (N, 4, 8, 32)
     weights = loss_weights(foreground(pixels), settings.foreground_weight, pixels.shape[-1] // latents.shape[-1])
@@ -616,7 +626,7 @@ def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
     text_encoder = clip_text_encoder(root / "clip")
     tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
-    specs, videos = video_pool(settings.pool["video"], rng)
+    specs, videos = video_pool(settings.pool["video"], rng, settings.split)
     n, t = videos.shape[:2]
     pixels = to_unit(videos.reshape(n * t, *videos.shape[2:]))
     frames = _latents(vae, pixels, device)  # (N*T, 4, 16, 16)

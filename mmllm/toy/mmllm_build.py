@@ -48,7 +48,7 @@ HINT = "the toy default is not built; run `python scripts/build_default.py` (~14
 
 
 # Settings added after the shipped default was built, with their off values.
-LATER_SETTINGS = {"brief_requests": {}, "stage2_group_by_length": 0}
+LATER_SETTINGS = {"brief_requests": {}, "stage2_group_by_length": 0, "stage2_mix": "alternate"}
 
 
 @dataclass
@@ -89,6 +89,13 @@ class DefaultSettings:
     # cut padding from 29% to 10% of an epoch's tokens (docs/TRAINING.md) and stage 2 from 69
     # to 57 minutes; off until the colour drop of that build is understood (see brief_requests).
     stage2_group_by_length: int = 0
+    # How stage 2's four files (image, audio, video, text conversations) share batches
+    # (TrainConfig.mix). "alternate" takes one batch from each in turn until each runs out, so
+    # audio and video stop about 800 batches into an epoch and the image and text files end
+    # it alone; with the seventh build's larger text file its last 120 batches were text only
+    # (docs/RESULTS.md, "Brief requests and length grouping"). "spread" spreads every file
+    # over the epoch.
+    stage2_mix: str = "alternate"
     stage2_lr: float = 1e-3  # LoRA and signal rows
     stage2_projector_lr: float = 6e-3  # the projectors keep learning with LoRA
     lora: dict = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0,
@@ -134,7 +141,7 @@ class DefaultSettings:
         config. Retraining a decoder's UNet therefore keeps the stages."""
         s1 = ("items", "dialogues", "qa_turns", "stage1_steps", "stage1_batch", "stage1_lr", "seed")
         s2 = (*s1, "describe_share", "focus_questions", "brief_requests", "stage2_steps", "stage2_batch",
-              "stage2_group_by_length", "stage2_lr", "stage2_projector_lr", "lora")
+              "stage2_group_by_length", "stage2_mix", "stage2_lr", "stage2_projector_lr", "lora")
         keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr", "align_examples",
                                                     "align_val_examples", "align_reinit")}[stage]
         data = {"settings": {k: getattr(self, k) for k in keys if not self.is_off(k)},
@@ -408,7 +415,8 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
                                      conversations=files["conversations"], steps=settings.stage2_steps,
                                      batch_size=settings.stage2_batch, lr=settings.stage2_lr,
                                      projector_lr=settings.stage2_projector_lr, lora=LoraConfig(**settings.lora),
-                                     group_by_length=settings.stage2_group_by_length, resume=resume, **common),
+                                     group_by_length=settings.stage2_group_by_length, resume=resume,
+                                     **{**common, "mix": settings.stage2_mix}),
         lambda: load_model(str(s1)).to(device), log)
     timings["stage2"] = round(time.time() - t, 1)
 

@@ -10,7 +10,7 @@ from mmllm.config import JsonConfig, LoraConfig
 STAGES = ("stage1_enc", "stage1_dec", "stage1", "stage2", "align_outputs")
 PRECISIONS = ("fp32", "no", "bf16", "fp16")
 NAN_POLICIES = ("skip", "stop")
-MIXES = ("mixed", "alternate")
+MIXES = ("mixed", "alternate", "spread")
 
 
 @dataclass
@@ -32,7 +32,9 @@ class TrainConfig(JsonConfig):
     warmup_ratio: linear warmup share of the steps, then cosine decay to 0.
     precision: ``fp32`` (or ``no``), ``bf16`` or ``fp16`` mixed precision (accelerate).
     l2_scale: per-modality weight of the L2 loss to the decoder's text conditioning.
-    mix: ``mixed`` batches (sources interleaved row by row) or ``alternate`` (whole batches).
+    mix: ``mixed`` batches (sources interleaved row by row), ``alternate`` (whole batches, one
+        source after another until each runs out, so the largest source ends the epoch alone)
+        or ``spread`` (whole batches, each source's spread evenly over the epoch: all end together).
     group_by_length: LLaVA-style length grouping: each window of this many batches' examples
         is sorted by token length before it is cut into batches, which run in a seeded random
         order; less padding, same examples per epoch. 0: batches in stream order.

@@ -375,7 +375,10 @@ def sources_from(captions=None, generation=None, conversations=None) -> list[Sou
 class StreamingData(IterableDataset):
     """Batches (lists of ``Example``) for one process, streamed from the sources.
 
-    ``mix="mixed"`` interleaves the sources row by row, ``"alternate"`` batch by batch. With
+    ``mix="mixed"`` interleaves the sources row by row, ``"alternate"`` batch by batch in
+    turn (a source that runs out drops out, so the largest one ends the epoch alone), and
+    ``"spread"`` batch by batch in proportion to each source's rows, so that every source is
+    spread evenly over the epoch and all end together. With
     ``shuffle_buffer > 0`` examples pass through a seeded shuffle buffer (same order for the
     same seed and epoch). With ``group_by_length > 0`` each window of that many batches is
     sorted by token count before it is cut, and its batches run in a seeded random order
@@ -416,6 +419,9 @@ class StreamingData(IterableDataset):
         streams = [self._shuffled(self._examples(s), rng) for s in self.sources]
         if self.mix == "mixed":
             yield from self._cut(_round_robin(streams), rng)
+        elif self.mix == "spread":
+            sizes = [sum(1 for _ in iter_rows(s.path)) for s in self.sources]
+            yield from _spread([self._cut(s, rng) for s in streams], [n / self.batch_size for n in sizes])
         else:
             yield from _round_robin([self._cut(s, rng) for s in streams])
 
@@ -464,6 +470,25 @@ def _round_robin(iterators):
             except StopIteration:
                 pass
         its = alive
+
+
+def _spread(iterators, lengths):
+    """Merge ``iterators`` so the k-th item of one expected to yield ``lengths[i]`` items comes
+    at about (k + 1/2) / lengths[i] of the way through: each is spread evenly and all end
+    together (ties go to the earlier iterator). An iterator that yields more or fewer items
+    than expected just runs on or drops out."""
+    its = list(iterators)
+    taken = [0] * len(its)
+    alive = list(range(len(its)))
+    while alive:
+        i = min(alive, key=lambda j: ((taken[j] + 0.5) / lengths[j] if lengths[j] > 0 else float("inf"), j))
+        try:
+            item = next(its[i])
+        except StopIteration:
+            alive.remove(i)
+            continue
+        taken[i] += 1
+        yield item
 
 
 def _chunks(it, n):
