@@ -106,6 +106,8 @@ class BuildSettings:
     # trains them on every pair, as a web-pretrained CLIP or Stable Diffusion has seen "a
     # yellow circle" although the MMLLM's own training data never shows one. The stages'
     # data are the train split either way (docs/TOY.md, "Which split the components see").
+    # Measured with "all" (eighth build): better encoder features, the same memorised pairs
+    # in the LLM's answers, so the default stays "train".
     split: str = "train"
 
     @classmethod
