@@ -394,6 +394,7 @@ class StreamingData(IterableDataset):
         self.mix, self.shuffle_buffer, self.seed, self.rank, self.world = mix, shuffle_buffer, seed, rank, world
         self.group_by_length = group_by_length
         self.epoch, self.skip = 0, 0
+        self._rows = None  # rows per source (a list), counted once for mix="spread"
 
     def _examples(self, source: Source) -> Iterator[Example]:
         for n, row in iter_rows(source.path):
@@ -420,8 +421,9 @@ class StreamingData(IterableDataset):
         if self.mix == "mixed":
             yield from self._cut(_round_robin(streams), rng)
         elif self.mix == "spread":
-            sizes = [sum(1 for _ in iter_rows(s.path)) for s in self.sources]
-            yield from _spread([self._cut(s, rng) for s in streams], [n / self.batch_size for n in sizes])
+            if self._rows is None:  # counted once, not every epoch
+                self._rows = [sum(1 for _ in iter_rows(s.path)) for s in self.sources]
+            yield from _spread([self._cut(s, rng) for s in streams], [n / self.batch_size for n in self._rows])
         else:
             yield from _round_robin([self._cut(s, rng) for s in streams])
 
