@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mmllm.toy.components import BuildSettings, default_root
 from mmllm.toy.mmllm_build import DefaultSettings, build_default
+from mmllm.training.config import MIXES
 
 TUNABLE = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps", "stage2_batch",
            "stage2_lr", "stage2_projector_lr", "align_steps", "align_lr", "align_examples", "seed")
@@ -37,7 +38,7 @@ def main(argv=None) -> None:
     parser.add_argument("--component-split", choices=("train", "all"), default=None,
                         help="world split the frozen components train on (default train; the stages "
                              "always train on the train split), see docs/TOY.md")
-    parser.add_argument("--stage2-mix", choices=("alternate", "spread", "mixed"), default=None,
+    parser.add_argument("--stage2-mix", choices=MIXES, default=None,
                         help="how stage 2's files share batches (default alternate; TrainConfig.mix)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads; 1 is up to 10x faster on a CPU shared with other jobs "
