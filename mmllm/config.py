@@ -85,6 +85,19 @@ class JsonConfig:
         return type(self).from_dict(deep_merge(self.to_dict(), expand_dotted(overrides)))
 
 
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``"inputs.image.projector.options={\"num_tokens\": 4}"`` -> ``(key, {"num_tokens": 4})``:
+    one command-line ``KEY=VALUE``, the value read as JSON when it parses (numbers, true,
+    lists, objects), else kept as a string."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise ValueError(f"{text!r} is not KEY=VALUE (e.g. inputs.video.projector.type=linear)")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def expand_dotted(overrides: dict) -> dict:
     """``{"llm.dtype": "bf16"}`` -> ``{"llm": {"dtype": "bf16"}}``; nested dicts pass through."""
     out: dict = {}
@@ -272,18 +285,25 @@ class MMLLMConfig(JsonConfig):
         values = {name: getattr(obj, attr) for name, obj, attr in self._sources()}
         return {name: v for name, v in values.items() if v and os.path.isabs(v) and not os.path.exists(v)}
 
-    def relative_to(self, model_dir: str | os.PathLike) -> "MMLLMConfig":
-        """A copy whose local component paths beside ``model_dir`` (anywhere under its parent)
-        are written relative to it (``../clip``), so a tree such as ``root/{model,clip,...}``
-        can be moved or mounted elsewhere. Hub ids and other paths are kept as they are."""
+    def relative_to(self, model_dir: str | os.PathLike, tree: str | os.PathLike | None = None) -> "MMLLMConfig":
+        """A copy whose local component paths inside ``tree`` (default: ``model_dir``'s
+        parent, so the components beside it) are written relative to ``model_dir``
+        (``../clip``), so a tree such as ``root/{model,clip,...}`` can be moved or mounted
+        elsewhere. ``tree`` must hold ``model_dir``: a deeper model dir
+        (``root/runs/stage2/model``) passes ``tree=root`` to get ``../../../clip``. Hub ids
+        and paths outside ``tree`` are kept as they are."""
         base = Path(os.path.abspath(model_dir))
+        top = Path(os.path.abspath(tree)) if tree is not None else base.parent
+        if top != base and top not in base.parents:
+            raise ValueError(f"relative_to: tree {str(top)!r} does not contain the model dir {str(base)!r}; "
+                             "pass a folder above the model dir (or leave tree unset for its parent)")
         out = copy.deepcopy(self)
         for _, obj, attr in out._sources():
             value = getattr(obj, attr)
             if not value or not os.path.isabs(value) or not os.path.exists(value):
                 continue
             path = Path(os.path.abspath(value))
-            if base.parent in path.parents or path == base.parent:
+            if top in path.parents or path == top:
                 rel = os.path.relpath(path, base)
                 setattr(obj, attr, rel if rel.startswith("..") else os.path.join(".", rel))
         return out

@@ -57,11 +57,14 @@ class FlattenMLPProjector(InputProjector):
     toy world's held-out colour x direction videos it named the colour seen in training
     with that direction). ``hidden=0`` makes the map one linear layer;
     ``summary_token=True`` puts one position-invariant token first: the mean of all
-    encoder tokens through its own ``mlp2x_gelu``.
+    encoder tokens through its own ``mlp2x_gelu``. ``per_token=True`` also appends every
+    encoder token through a shared ``mlp2x_gelu`` (LLaVA-1.5's projector), so an attribute
+    that every patch shows on its own (colour) reaches the LLM token by token as well as
+    mixed into the flattened map.
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_in_tokens: int, num_tokens: int = 4,
-                 hidden: int | None = None, summary_token: bool = False):
+                 hidden: int | None = None, summary_token: bool = False, per_token: bool = False):
         super().__init__()
         if num_tokens < 1:
             raise ValueError(f"flatten_mlp needs num_tokens >= 1, got {num_tokens}")
@@ -75,9 +78,10 @@ class FlattenMLPProjector(InputProjector):
         else:  # hidden=0: one linear map
             self.mlp = nn.Linear(num_in_tokens * in_dim, num_tokens * out_dim)
         self.summary = MLPProjector(in_dim, out_dim, 1) if summary_token else None
+        self.per_token = MLPProjector(in_dim, out_dim, num_in_tokens) if per_token else None
 
     def num_output_tokens(self, num_in_tokens: int) -> int:
-        return self.num_tokens + (self.summary is not None)
+        return (self.summary is not None) + self.num_tokens + (num_in_tokens if self.per_token is not None else 0)
 
     def forward(self, x):
         if x.shape[1] != self.num_in_tokens:
@@ -85,10 +89,12 @@ class FlattenMLPProjector(InputProjector):
                              "it needs a fixed token count (fixed image size, audio length and frame count), or "
                              "use a per-token projector (mlp2x_gelu) or the resampler")
         flat = self.norm(x).flatten(1)  # (B, N * D_enc)
-        tokens = self.mlp(flat).view(x.shape[0], self.num_tokens, -1)
-        if self.summary is None:
-            return tokens
-        return torch.cat([self.summary(x.mean(1, keepdim=True)), tokens], dim=1)
+        parts = [self.mlp(flat).view(x.shape[0], self.num_tokens, -1)]
+        if self.summary is not None:
+            parts.insert(0, self.summary(x.mean(1, keepdim=True)))
+        if self.per_token is not None:
+            parts.append(self.per_token(x))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class ResamplerProjector(InputProjector):

@@ -6,6 +6,7 @@
     python scripts/build_default.py --smoke --root DIR # every loss falls, in about a minute (checks an install)
     python scripts/build_default.py --force            # retrain both stages (components, data reused)
     python scripts/build_default.py --threads 1        # on a CPU shared with other jobs
+    python scripts/build_default.py --root DIR --set inputs.video.projector.type=mlp2x_gelu  # another recipe
 
 Every step is cached (a second run rebuilds nothing) and an interrupted stage resumes from
 its last checkpoint. The result, <root>/model, is what mmllm.load() opens by default.
@@ -18,12 +19,20 @@ import argparse
 import time
 from pathlib import Path
 
+from mmllm.config import parse_setting
 from mmllm.toy.components import BuildSettings, default_root
 from mmllm.toy.mmllm_build import DefaultSettings, build_default
 from mmllm.training.config import MIXES
 
 TUNABLE = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps", "stage2_batch",
            "stage2_lr", "stage2_projector_lr", "align_steps", "align_lr", "align_examples", "seed")
+
+
+def _setting(text: str) -> tuple:
+    try:
+        return parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> None:
@@ -40,6 +49,10 @@ def main(argv=None) -> None:
                              "always train on the train split), see docs/TOY.md")
     parser.add_argument("--stage2-mix", choices=MIXES, default=None,
                         help="how stage 2's files share batches (default alternate; TrainConfig.mix)")
+    parser.add_argument("--set", dest="overrides", action="append", type=_setting, default=[], metavar="KEY=VALUE",
+                        help="model-config override, dotted, value as JSON (repeatable), e.g. "
+                             "'inputs.video.projector.options={\"num_tokens\":4,\"per_token\":true}'; "
+                             "the stages fingerprint the whole config, so a changed one retrains them")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads; 1 is up to 10x faster on a CPU shared with other jobs "
                              "(OpenMP threads wait for each other), see docs/RESULTS.md")
@@ -67,7 +80,8 @@ def main(argv=None) -> None:
         components.split = args.component_split
     start = time.time()
     path = build_default(args.root, device=args.device, fast=args.fast, settings=settings,
-                         progress=not args.no_progress, force=args.force, component_settings=components)
+                         progress=not args.no_progress, force=args.force, component_settings=components,
+                         config_overrides=dict(args.overrides) or None)
     print(f"built {path} in {time.time() - start:.0f} s")
 
 

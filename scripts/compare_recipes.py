@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mmllm.config import parse_setting
 from mmllm.toy.recipes import compare, table
 
 
@@ -29,13 +30,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
         raise argparse.ArgumentTypeError(f"variant {text!r} needs a name: 'NAME: key=value ...'")
     settings = {}
     for pair in rest.split():
-        key, eq, value = pair.partition("=")
-        if not eq:
-            raise argparse.ArgumentTypeError(f"{pair!r} in variant {name!r} is not key=value")
         try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
+            key, value = parse_setting(pair)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"in variant {name!r}: {e}") from None
+        settings[key] = value
     return name.strip(), settings
 
 

@@ -73,3 +73,31 @@ def test_sources_beside_the_model_dir_are_saved_relative(tmp_path):
     moved = tmp_path / "new_home" / "model"
     assert rel.resolved(moved).inputs["image"].encoder.source == str(tmp_path / "new_home" / "clip")
     assert rel.resolved(tmp_path / "model") == cfg
+
+
+def test_a_deeper_model_dir_names_components_relative_to_the_tree_it_is_in(tmp_path):
+    (tmp_path / "clip").mkdir()
+    cfg = MMLLMConfig.from_preset("llava-1.5-7b", **{"inputs.image.encoder.source": str(tmp_path / "clip")})
+    stage = tmp_path / "runs" / "stage2" / "model"
+    assert cfg.relative_to(stage).inputs["image"].encoder.source == str(tmp_path / "clip")  # parent only
+    rel = cfg.relative_to(stage, tree=tmp_path)
+    assert rel.inputs["image"].encoder.source == "../../../clip"
+    moved = tmp_path / "moved" / "runs" / "stage2" / "model"
+    assert rel.resolved(moved).inputs["image"].encoder.source == str(tmp_path / "moved" / "clip")
+    with pytest.raises(ValueError, match="does not contain the model dir"):
+        cfg.relative_to(stage, tree=tmp_path / "elsewhere")
+
+
+def test_parse_setting_reads_json_values_and_keeps_other_text():
+    from mmllm.config import parse_setting
+
+    assert parse_setting('inputs.video.projector.options={"num_tokens": 4, "per_token": true}') == (
+        "inputs.video.projector.options", {"num_tokens": 4, "per_token": True})
+    assert parse_setting("lr=6e-3") == ("lr", 0.006)
+    assert parse_setting("inputs.image.projector.type=linear") == ("inputs.image.projector.type", "linear")
+    assert parse_setting("a.b=x=y") == ("a.b", "x=y")  # only the first '=' splits
+    over = dict([parse_setting('inputs.image.projector.options={"num_tokens": 2}')])
+    cfg = MMLLMConfig.from_preset("tiny", **over)
+    assert cfg.inputs["image"].projector.options["num_tokens"] == 2
+    with pytest.raises(ValueError, match="is not KEY=VALUE"):
+        parse_setting("per_token")

@@ -109,6 +109,26 @@ def test_flatten_mlp_summary_token_is_position_invariant():
     assert not torch.allclose(a[:, 1:], b[:, 1:])  # ...the flat tokens do not
 
 
+def test_flatten_mlp_per_token_appends_every_encoder_token_through_one_shared_map():
+    over = {"inputs": {"image": {"projector": {"type": "flatten_mlp",
+                                               "options": {"num_tokens": 2, "summary_token": True,
+                                                           "per_token": True}}}}, "outputs": {}}
+    model = mmllm.load("tiny", **over)
+    proj = model.input_projectors["image"]
+    n = proj.num_in_tokens
+    assert model.processor.modalities["image"].num_tokens == 1 + 2 + n  # summary, flat, then one per token
+    x = torch.randn(1, n, model.encoders["image"].hidden_size)
+    perm = torch.randperm(n)
+    with torch.no_grad():
+        a, b = proj(x), proj(x[:, perm])
+        assert a.shape[:2] == (1, 1 + 2 + n)
+        torch.testing.assert_close(a[:, 3:][:, perm], b[:, 3:])  # the same map at every position
+        torch.testing.assert_close(a[:, 3:], proj.per_token(x))
+    batch = model.processor([_user("<image>\nWhat is this?")], [{"image": [_image()]}])
+    with torch.no_grad():
+        assert torch.isfinite(model.forward_batch(batch).logits).all()  # the placeholder expands to all of them
+
+
 def test_gated_prefix_is_identity_at_init():
     over = {"inputs": {"image": {"projector": {"type": "gated_prefix", "options": {"prompt_len": 3, "num_layers": 2}}}},
             "outputs": {}}

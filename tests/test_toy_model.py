@@ -53,7 +53,7 @@ def test_build_runs_both_stages_into_a_loadable_model(built):
 
 
 def test_built_tree_can_move(built, tmp_path):
-    """The model dir names its sibling components relatively, so the whole root can be moved."""
+    """The model and stage dirs name the components relatively, so the whole root can be moved."""
     import shutil
 
     root, path = built
@@ -66,6 +66,14 @@ def test_built_tree_can_move(built, tmp_path):
     assert model.config.inputs["image"].encoder.source == str(moved / "clip")
     assert model.config.outputs["video"].decoder.source == str(moved / "video_decoder")
     assert isinstance(model.generate("Draw a red circle.", max_new_tokens=2).text, str)
+    # The stage dirs name the components relative to the root too, so a moved root can
+    # rerun align from its stage-2 model.
+    for stage in ("stage1", "stage2", "align"):
+        saved = json.loads((root / "runs" / stage / "model" / "config.json").read_text())
+        assert saved["inputs"]["image"]["encoder"]["source"] == "../../../clip"
+    shutil.copytree(root / "runs" / "stage2" / "model", moved / "runs" / "stage2" / "model")
+    stage2 = mmllm.load(str(moved / "runs" / "stage2" / "model"))
+    assert stage2.config.outputs["image"].decoder.source == str(moved / "image_decoder")
 
 
 def test_model_dir_moved_without_its_components_says_how_to_fix_it(built, tmp_path):

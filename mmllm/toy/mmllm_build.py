@@ -284,6 +284,19 @@ def _stage_done(out: Path, fingerprint: str) -> bool:
         json.loads(marker.read_text()).get("fingerprint") == fingerprint
 
 
+def _relocatable(model: Path, tree: Path) -> None:
+    """Rewrite a stage's saved ``config.json`` to name the components under ``tree`` (the toy
+    root) relative to itself (``../../../clip``), so a moved root can still resume, rerun
+    align from its stage-2 model, or be loaded stage by stage."""
+    from mmllm.config import MMLLMConfig
+    from mmllm.model import CONFIG_NAME
+
+    config = MMLLMConfig.from_json(model / CONFIG_NAME).resolved(model)
+    tmp = model / (CONFIG_NAME + ".tmp")
+    config.relative_to(model, tree=tree).to_json(tmp)
+    os.replace(tmp, model / CONFIG_NAME)
+
+
 def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, make_model: Callable,
                log: Callable[[str], None]) -> dict:
     """Train one stage into ``out`` unless it is already done; resume from a checkpoint."""
@@ -309,6 +322,7 @@ def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, ma
     losses = loss_summary(result.losses, 20) if result.losses else {"first_loss": None, "final_loss": None}
     info = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 1), "steps": result.steps, **losses,
             "bad_rows": result.bad_rows, "resumed": bool(resume)}
+    _relocatable(out / "model", tree=out.parent.parent)
     (out / DONE).write_text(json.dumps(info, indent=1))
     log(f"{name}: done in {info['seconds']:.0f} s, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}")
     return info
@@ -333,6 +347,7 @@ def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[st
                                      max_examples=settings.align_examples, reinit=settings.align_reinit,
                                      val_examples=settings.align_val_examples)
     model.save_pretrained(out / "model")
+    _relocatable(out / "model", tree=out.parent.parent)
     info = {"fingerprint": fingerprint, "seconds": result.seconds, "steps": result.steps,
             "first_loss": result.first_loss, "final_loss": result.final_loss, "examples": result.examples,
             "bad_rows": result.bad_rows, "val_loss": result.val_loss}
@@ -435,8 +450,8 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
         with atomic_directory(final) as tmp:
             for f in (s3 / "model").iterdir():
                 shutil.copy2(f, tmp / f.name)
-            # The stage dirs name the components by absolute path; the model dir names its
-            # siblings relatively (MMLLMConfig.relative_to), so the whole root can move.
+            # The stage dirs name the components relative to the root (../../../clip); the
+            # model dir names its siblings (../clip), so the whole root can move.
             config = MMLLMConfig.from_json(s3 / "model" / CONFIG_NAME).resolved(s3 / "model")
             config.relative_to(final).to_json(tmp / CONFIG_NAME)
             info = {"stage1": fp1, "stage2": fp2, "align": fp3, "settings": asdict(settings), "device": str(device),
