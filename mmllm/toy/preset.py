@@ -11,20 +11,26 @@ Choices, for a model that trains on 2 CPU cores:
 
 - image: ``hf_clip``, the last layer's class token and 16 patch tokens (17 of width 64;
   32x32 images, 8x8 patches) into a ``flatten_mlp`` projector: 4 tokens from all 17
-  flattened plus one position-invariant summary token. LLaVA takes layer -2 patches of a
+  flattened, one position-invariant summary token, and the 17 tokens each through one shared
+  ``mlp2x_gelu`` (``per_token``; 22 LLM tokens). LLaVA takes layer -2 patches of a
   24-layer CLIP; in this 3-layer tower the class token is where the contrastive objective
   put colour, and shape, size, position and count sit in whichever patches hold the
   objects (linear probes: shape 0.85 from the class token, 1.00 from all 17 flattened).
   In short caption runs this reads position, size and count far better than a per-token
-  ``mlp2x_gelu`` and hands the LLM 5 tokens instead of 17 (docs/RESULTS.md).
+  ``mlp2x_gelu`` alone. The flattened map alone learns an attribute once per patch position,
+  so it memorises held-out colour x shape pairs; the per-token tokens learn it once for all
+  positions (held-out caption colour 0.60 -> 0.92 in the ninth build, docs/RESULTS.md).
 - audio: ``hf_audio`` (AST) patch tokens, 22 tokens of width 64, into the same
-  ``flatten_mlp`` (4 + summary): the number of beeps is where the tones are in time.
+  ``flatten_mlp`` (4 + summary + per-token, 27 LLM tokens): the number of beeps is where the
+  tones are in time.
 - video: ``frames`` through the image encoder, the first and last of the 4 frames,
   ``frame_pooling="none"`` (34 tokens: where the shape starts and ends gives the
   direction; mean pooling averages the shape over its path and loses it, see docs/TOY.md),
-  into a ``flatten_mlp`` of 4 tokens: direction is where the shape is in one frame against
-  the other, which a per-token projector leaves to the LLM (direction 0.29 held-in, against
-  1.00 with the flattened map in a 120-step run).
+  into a ``flatten_mlp`` of 4 tokens plus the 34 per-token ones (38 LLM tokens): direction
+  is where the shape is in one frame against the other, which a per-token projector alone
+  leaves to the LLM (direction 0.29 held-in, against 1.00 with the flattened map in a
+  120-step run), while colour from the flattened map alone was memorised with the direction
+  (held-out 0.38; with the per-token tokens 1.00).
 - outputs: 4 / 8 / 8 signal tokens (NExT-GPT uses 24 for video; 8 keep sequences
   short) and a small ``transformer`` projector (d_model 64, 2 + 2 layers) into each
   decoder's (32, 64) text-conditioning space.
@@ -42,6 +48,15 @@ from mmllm.config import EncoderConfig, MMLLMConfig
 from .components import VIDEO_FRAMES, default_root
 
 VIDEO_INPUT_FRAMES = 2  # frames the video encoder reads (first and last); clips have VIDEO_FRAMES
+# Every input's flatten_mlp options: 4 tokens from all encoder tokens flattened (where things
+# are), a position-invariant summary token for image and audio, and every encoder token
+# through one shared mlp2x_gelu (per_token), which learns an attribute once for all positions
+# and so composes held-out pairs (docs/RESULTS.md, "Per-token tokens beside the flattened map").
+PROJECTOR_OPTIONS = {
+    "image": {"num_tokens": 4, "summary_token": True, "per_token": True},
+    "audio": {"num_tokens": 4, "summary_token": True, "per_token": True},
+    "video": {"num_tokens": 4, "per_token": True},
+}
 
 
 def _root(root: Optional[str | os.PathLike]) -> Path:
@@ -92,15 +107,15 @@ def toy_config(root: Optional[str | os.PathLike] = None, **overrides) -> MMLLMCo
         "llm": {"source": "smollm2", "dtype": "float32"},
         "inputs": {
             "image": {"placeholder": "<image>", "encoder": image,
-                      "projector": {"type": "flatten_mlp", "options": {"num_tokens": 4, "summary_token": True}}},
+                      "projector": {"type": "flatten_mlp", "options": PROJECTOR_OPTIONS["image"]}},
             "audio": {"placeholder": "<audio>",
                       "encoder": {"backend": "hf_audio", "source": str(root / "audio_encoder"),
                                   "features": "patch", "feature_layer": -1},
-                      "projector": {"type": "flatten_mlp", "options": {"num_tokens": 4, "summary_token": True}}},
+                      "projector": {"type": "flatten_mlp", "options": PROJECTOR_OPTIONS["audio"]}},
             "video": {"placeholder": "<video>",
                       "encoder": {"backend": "frames", "share_with": "image", "num_frames": VIDEO_INPUT_FRAMES,
                                   "frame_pooling": "none", "features": "patch"},
-                      "projector": {"type": "flatten_mlp", "options": {"num_tokens": 4}}},
+                      "projector": {"type": "flatten_mlp", "options": PROJECTOR_OPTIONS["video"]}},
         },
         "outputs": {
             "image": {"num_signal_tokens": 4, "signal_prefix": "IMG", "projector": _transformer_projector(),
