@@ -107,15 +107,15 @@ def toy_config(root: Optional[str | os.PathLike] = None, **overrides) -> MMLLMCo
         "llm": {"source": "smollm2", "dtype": "float32"},
         "inputs": {
             "image": {"placeholder": "<image>", "encoder": image,
-                      "projector": {"type": "flatten_mlp", "options": PROJECTOR_OPTIONS["image"]}},
+                      "projector": {"type": "flatten_mlp", "options": dict(PROJECTOR_OPTIONS["image"])}},
             "audio": {"placeholder": "<audio>",
                       "encoder": {"backend": "hf_audio", "source": str(root / "audio_encoder"),
                                   "features": "patch", "feature_layer": -1},
-                      "projector": {"type": "flatten_mlp", "options": PROJECTOR_OPTIONS["audio"]}},
+                      "projector": {"type": "flatten_mlp", "options": dict(PROJECTOR_OPTIONS["audio"])}},
             "video": {"placeholder": "<video>",
                       "encoder": {"backend": "frames", "share_with": "image", "num_frames": VIDEO_INPUT_FRAMES,
                                   "frame_pooling": "none", "features": "patch"},
-                      "projector": {"type": "flatten_mlp", "options": PROJECTOR_OPTIONS["video"]}},
+                      "projector": {"type": "flatten_mlp", "options": dict(PROJECTOR_OPTIONS["video"])}},
         },
         "outputs": {
             "image": {"num_signal_tokens": 4, "signal_prefix": "IMG", "projector": _transformer_projector(),
