@@ -4,6 +4,7 @@
     python scripts/evaluate.py --model DIR --split test --n 48
     python scripts/evaluate.py --tasks understanding     # skip generation (no diffusion decoding)
     python scripts/evaluate.py --tasks generation decoder  # generation against its ceiling
+    python scripts/evaluate.py --tasks conditioning      # what the output projectors ask the decoders for (no rendering)
     python scripts/evaluate.py --tasks brief             # requests that leave attributes out ("Draw a blue square.")
     python scripts/evaluate.py --out report.json         # also write the full report with examples
     python scripts/evaluate.py --newcomer                # only the README check: every colour x shape, large
@@ -33,7 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["understanding", "generation", "dialogue"],
                         help="decoder: the decoders fed the generation requests' true captions (the ceiling "
                              "of generation); brief: image and audio requests that leave attributes out "
-                             "(neither runs by default)")
+                             "(neither runs by default); conditioning: the output projectors' conditioning for "
+                             "the generation requests, read by its nearest caption (no rendering)")
     parser.add_argument("--modalities", nargs="+", choices=("image", "audio", "video"),
                         default=["image", "audio", "video"])
     parser.add_argument("--batch", type=int, default=16, help="requests decoded together")

@@ -324,6 +324,50 @@ def test_decoder_ceiling_renders_each_requests_true_caption():
         evaluate(ScriptedModel(True), splits=("test",), gen_n=1, tasks=("decoder",), modalities=("image",))
 
 
+def test_conditioning_task_reads_what_the_output_projector_asks_for(built):
+    """The 'conditioning' task runs each generation request teacher-forced, and reads the
+    output projector's conditioning by the nearest canonical caption: a projector that always
+    asks for one spec scores exactly the share of requests that agree with it on each
+    attribute, and its mse is the distance to the requests' own captions."""
+    import torch
+
+    from mmllm.toy.evaluate import _generation_requests, evaluate_conditioning
+    from mmllm.training import signal_states_of_rows
+
+    _, path = built
+    model = mmllm.load(str(path))
+    decoder = model.decoders["image"]
+    specs, prompts = _generation_requests("image", "test", 6, 0)
+    # The states come back in row order, with the decoder's conditioning of each caption.
+    rows = [{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": world.generation_reply(s)}],
+             "outputs": [{"modality": "image", "caption": world.canonical_caption(s)}]} for p, s in zip(prompts, specs)]
+    cache = signal_states_of_rows(model, rows, batch_size=4)
+    truth = decoder.encode_text([world.canonical_caption(s) for s in specs])
+    assert torch.allclose(cache.targets["image"], truth)
+    assert cache.states["image"].shape[:2] == (6, len(model.signal_groups["image"]))
+    with pytest.raises(ValueError, match="row 1 is not a valid conversation row"):
+        signal_states_of_rows(model, [rows[0], {"outputs": []}])
+
+    asked = world.ImageSpec(colour="red", shape="circle", size="small", position="left", count=2)
+    wanted = decoder.encode_text([world.canonical_caption(asked)])
+
+    class Constant(torch.nn.Module):
+        def forward(self, states, embeds):
+            return wanted.expand(len(states), -1, -1)
+
+    model.output_projectors["image"] = Constant()
+    got = evaluate_conditioning(model, "image", "test", 6, 0)
+    for attribute in world.attribute_values("image"):
+        agree = sum(getattr(s, attribute) == getattr(asked, attribute) for s in specs) / len(specs)
+        assert got[attribute] == pytest.approx(agree), attribute
+    assert got["mse"] == pytest.approx(float((wanted - truth).pow(2).mean()), rel=1e-5)
+    report = evaluate(model, splits=("test",), gen_n=6, tasks=("conditioning",), modalities=("image",))
+    assert report["test"]["conditioning"]["image"] == got
+    assert f"| generation (nearest caption) | image | mse | {got['mse']:.3f} | - |" in table(report)
+    with pytest.raises(ValueError, match="needs model.decoders"):
+        evaluate(ScriptedModel(True), splits=("test",), gen_n=1, tasks=("conditioning",), modalities=("image",))
+
+
 def test_brief_task_scores_image_and_audio_against_the_defaults():
     """The 'brief' task asks for media with attributes left out and scores them against
     the spec with the defaults filled in; a model that answers every request with a video

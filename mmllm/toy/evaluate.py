@@ -22,6 +22,12 @@ Decoder (the ceiling of generation): the same requests' true captions, encoded b
 decoder's own text encoder and rendered with the same seed and settings, read back the same
 way. Generation below it is lost on the LLM side (signal states, output projector).
 
+Conditioning (the LLM side of generation, without rendering): each generation request with
+its reference reply, teacher-forced; the output projector's conditioning at the signal tokens
+is matched to the nearest of the decoder's conditionings of every spec's canonical caption,
+and that spec's attributes are scored, with ``mse`` to the true caption's conditioning. What
+generation loses against the decoder ceiling shows up here first, and it costs one LLM pass.
+
 Dialogue (any-to-any, multi-turn): ``world.make_dialogues`` replayed with the model's own
 replies as history; ``success`` is the share of dialogues with every turn right.
 
@@ -46,8 +52,9 @@ from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES
 
 DESCRIBE = {"image": "Describe the image.", "audio": "Describe the audio.", "video": "Describe the video."}
 SPLIT_NAMES = {"train": "held-in", "test": "held-out"}
-TASK_NAMES = {"decoder": "generation (true caption)", "brief": "generation (brief request)"}
-TASKS = ("understanding", "generation", "brief", "decoder", "dialogue")
+TASK_NAMES = {"decoder": "generation (true caption)", "brief": "generation (brief request)",
+              "conditioning": "generation (nearest caption)"}
+TASKS = ("understanding", "generation", "brief", "decoder", "conditioning", "dialogue")
 
 
 def _rng(seed: int, *names: str) -> np.random.Generator:
@@ -193,6 +200,38 @@ def evaluate_decoder(model, modality: str, split: str, n: int, seed: int = 0, ba
     return {"produced": 1.0, **{k: _mean([row[k] for row in rows]) for k in (*attrs, "all")}}
 
 
+def evaluate_conditioning(model, modality: str, split: str, n: int, seed: int = 0, batch: int = 16) -> dict:
+    """{attr: acc, "all": exact match, "mse": ...} of the conditioning that the model's output
+    projector makes for the generation task's requests (``_generation_requests``), each
+    teacher-forced with a reference reply as in training: the spec whose canonical caption
+    the decoder conditions nearest (mean squared distance) is read as what was asked for.
+    ``mse`` is the mean squared distance to the true caption's conditioning (the align
+    step's loss). No media is rendered."""
+    from ..training import signal_states_of_rows
+
+    decoders = getattr(model, "decoders", None)
+    if not decoders or modality not in decoders:
+        raise ValueError(f"the 'conditioning' task needs model.decoders[{modality!r}]: a model that outputs {modality}")
+    specs, prompts = _generation_requests(modality, split, n, seed)
+    rng = _rng(seed, "conditioning", modality, split)
+    rows = [{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": world.generation_reply(s, rng)}],
+             "outputs": [{"modality": modality, "caption": world.canonical_caption(s)}]}
+            for p, s in zip(prompts, specs)]
+    cache = signal_states_of_rows(model, rows, batch_size=batch)
+    projector = model.output_projectors[modality]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        states = cache.states[modality].to(device)
+        made = projector(states, cache.embeds[modality].to(device).expand(len(states), -1, -1)).float().cpu()
+        candidates = world.all_specs(modality, "all")
+        bank = decoders[modality].encode_text([world.canonical_caption(c) for c in candidates]).float().cpu()
+        nearest = [int(((bank - x).pow(2).flatten(1).mean(1)).argmin()) for x in made]
+    mse = float((made - cache.targets[modality]).pow(2).mean())
+    rows = [oracle.score(candidates[i].to_dict(), s) for i, s in zip(nearest, specs)]
+    attrs = list(world.attribute_values(modality))
+    return {**{k: _mean([row[k] for row in rows]) for k in (*attrs, "all")}, "mse": mse}
+
+
 def evaluate_dialogues(model, split: str, n: int, seed: int = 0, max_new_tokens: int = 40,
                        keep_examples: int = 2, **decoder_kwargs) -> dict:
     """Multi-turn any-to-any dialogues (``world.make_dialogues``), replayed turn by turn with
@@ -302,6 +341,9 @@ def evaluate(model, splits: Sequence[str] = ("train", "test"), n: int = 24, gen_
                         report[split][task][m] = evaluate_generation(model, m, split, gen_n or n, seed,
                                                                      max(1, batch // 2), brief=brief,
                                                                      **decoder_kwargs)
+                elif task == "conditioning":
+                    if m in getattr(model, "output_modalities", world.MODALITIES):
+                        report[split][task][m] = evaluate_conditioning(model, m, split, gen_n or n, seed, batch)
                 elif task == "decoder":
                     if m in getattr(model, "output_modalities", world.MODALITIES):
                         report[split][task][m] = evaluate_decoder(model, m, split, gen_n or n, seed,
@@ -328,7 +370,7 @@ def table(report: dict) -> str:
             v = block[key][attr] if key else block[attr]
         except KeyError:
             return "-"
-        return f"{v:.2f}"
+        return f"{v:.3f}" if attr == "mse" else f"{v:.2f}"
 
     for task in first:
         for m in first[task]:
@@ -339,16 +381,20 @@ def table(report: dict) -> str:
                                                    *(cell(s, task, m, None, a) for s in splits), "-"]) + " |")
                 continue
             attrs = list(world.attribute_values(m))
-            keyed = [("caption", a) for a in (*attrs, "all")] + [("qa", a) for a in attrs] \
-                if task == "understanding" else [(None, a) for a in ("produced", *attrs, "all")]
+            if task == "understanding":
+                keyed = [("caption", a) for a in (*attrs, "all")] + [("qa", a) for a in attrs]
+            elif task == "conditioning":
+                keyed = [(None, a) for a in (*attrs, "all", "mse")]
+            else:
+                keyed = [(None, a) for a in ("produced", *attrs, "all")]
             for key, a in keyed:
                 name = f"{task} ({key})" if key else TASK_NAMES.get(task, task)
-                ch = "-" if a in ("all", "produced") else f"{chance(m, a):.2f}"
+                ch = "-" if a in ("all", "produced", "mse") else f"{chance(m, a):.2f}"
                 if a == "all":
                     ch = f"{np.prod([chance(m, x) for x in attrs]):.3f}"
                 lines.append("| " + " | ".join([name, m, a, *(cell(s, task, m, key, a) for s in splits), ch]) + " |")
     return "\n".join(lines)
 
 
-__all__ = ["TASKS", "chance", "evaluate", "evaluate_decoder", "evaluate_dialogues", "evaluate_generation",
+__all__ = ["TASKS", "chance", "evaluate", "evaluate_conditioning", "evaluate_decoder", "evaluate_dialogues", "evaluate_generation",
            "evaluate_understanding", "newcomer_check", "newcomer_specs", "newcomer_table", "read_output", "table"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .collate import Collator
-from .data import DataReport, ExampleBuilder, StreamingData, sources_from
+from .data import DataReport, ExampleBuilder, RowError, StreamingData, sources_from
 from .freeze import set_trainable
 
 
@@ -51,7 +51,6 @@ class AlignResult:
     val_loss: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
 def cache_signal_states(model, generation=None, conversations=None, data_root=None, batch_size: int = 16,
                         progress: bool = True, report: DataReport | None = None,
                         max_examples: int | None = None) -> SignalCache:
@@ -60,12 +59,40 @@ def cache_signal_states(model, generation=None, conversations=None, data_root=No
 
     ``max_examples``: stop reading once every output modality has that many sequences (the
     LLM pass is the costly part; the projectors then train on the cache for many steps)."""
-    from tqdm.auto import tqdm
-
     report = report or DataReport()
     builder = ExampleBuilder(model, data_root)
     data = StreamingData(sources_from(generation=generation, conversations=conversations), builder, batch_size,
                          report, mix="mixed")
+    return _collect(model, data, report, progress, max_examples)
+
+
+def signal_states_of_rows(model, rows: list[dict], kind: str = "conversation", batch_size: int = 16,
+                          data_root=None, progress: bool = False) -> SignalCache:
+    """``cache_signal_states`` for rows in memory (``kind``: "conversation" or "generation",
+    the training file formats), kept in row order; a row the trainer would reject raises.
+
+    The evaluation's conditioning task reads the states of its own requests this way."""
+    report = DataReport()
+    builder = ExampleBuilder(model, data_root)
+    examples = []
+    for n, row in enumerate(rows):
+        try:
+            examples.append(builder.build(kind, row, "<rows>", n))
+        except RowError as err:
+            raise ValueError(f"row {n} is not a valid {kind} row: {err}") from err
+    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    cache = _collect(model, batches, report, progress)
+    if report.count:
+        raise ValueError(f"{report.count} of {len(rows)} rows could not be collated: {report.summary()}")
+    return cache
+
+
+@torch.no_grad()
+def _collect(model, batches, report: DataReport, progress: bool, max_examples: int | None = None) -> SignalCache:
+    """States and targets of every captioned signal sequence in ``batches`` (lists of
+    ``Example``), in order."""
+    from tqdm.auto import tqdm
+
     collate = Collator(model, report)
     device = next(p for p in model.parameters()).device
     was_training = model.training
@@ -73,7 +100,7 @@ def cache_signal_states(model, generation=None, conversations=None, data_root=No
     states: dict[str, list] = {}
     targets: dict[str, list] = {}
     embeds: dict[str, torch.Tensor] = {}
-    for examples in tqdm(data, desc="caching signal states", disable=not progress, unit="batch"):
+    for examples in tqdm(batches, desc="caching signal states", disable=not progress, unit="batch"):
         tb = collate(examples)
         if tb is None or not tb.targets:
             continue
@@ -168,4 +195,5 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
                        val_loss=val_loss)
 
 
-__all__ = ["AlignResult", "SignalCache", "align_output_projectors", "cache_signal_states"]
+__all__ = ["AlignResult", "SignalCache", "align_output_projectors", "cache_signal_states",
+           "signal_states_of_rows"]
