@@ -236,12 +236,13 @@ class ScriptedModel:
                 continue
             named = {k: v for k, v in oracle.analyse_text(req["prompt"], m).items() if v is not None}
             spec = world.spec_from_dict({**world.BRIEF_DEFAULTS.get(m, {}), **named})  # brief: defaults fill in
+            text = f"Here is {world.canonical_caption(spec)}."
             if m == "image":
-                res = GenerateResult(text="Here.", images=[ImageOutput(_pil(world.render_image(spec)))])
+                res = GenerateResult(text=text, images=[ImageOutput(_pil(world.render_image(spec)))])
             elif m == "audio":
-                res = GenerateResult(text="Here.", audio=[AudioOutput(world.render_audio(spec), 16000)])
+                res = GenerateResult(text=text, audio=[AudioOutput(world.render_audio(spec), 16000)])
             else:
-                res = GenerateResult(text="Here.", videos=[VideoOutput(world.render_video(spec, 32, 4), 4)])
+                res = GenerateResult(text=text, videos=[VideoOutput(world.render_video(spec, 32, 4), 4)])
             out.append(res)
         return out
 
@@ -258,7 +259,11 @@ def _values(report, split):
             if task == "understanding":
                 yield from ((f"{task}/{m}/{k}/{a}", v) for k in ("caption", "qa") for a, v in block[k].items())
             else:
-                yield from ((f"{task}/{m}/{a}", v) for a, v in block.items() if a != "examples")
+                for a, v in block.items():
+                    if isinstance(v, dict):  # generation's "reply" block
+                        yield from ((f"{task}/{m}/{a}/{k}", x) for k, x in v.items())
+                    elif a != "examples":
+                        yield f"{task}/{m}/{a}", v
 
 
 def test_metric_gives_one_to_the_truth_and_little_to_a_wrong_model():
@@ -269,12 +274,16 @@ def test_metric_gives_one_to_the_truth_and_little_to_a_wrong_model():
     bad = evaluate(ScriptedModel(False), splits=("test",), n=5, gen_n=2)
     vals = dict(_values(bad, "test"))
     gen = {k: v for k, v in vals.items() if k.startswith("generation")}
-    assert all(v == 0.0 for v in gen.values())  # no media: produced 0, every attribute wrong
+    assert gen and all(v == 0.0 for k, v in gen.items() if "/reply/" not in k)  # no media: produced 0, all wrong
+    # "Sorry." names nothing; only a count of one is read from a text without a number.
+    assert all(v == 0.0 for k, v in gen.items() if "/reply/" in k and not k.endswith("/count"))
     # "a green square" is right only by accident (a green or square truth, a lone shape).
     und = [v for k, v in vals.items() if k.startswith("understanding") and k.endswith("/all")]
     assert max(und) <= 0.25
     text = table(good)
     assert "| understanding (qa) | image | colour | 1.00 | 1.00 | 0.17 |" in text
+    assert "| generation: reply text | audio | pitch | 1.00 | 1.00 | 0.33 |" in text
+    assert "| generation | audio | pitch | 1.00 | 1.00 | 0.33 |" in text
 
 
 class CaptionDecoder:
@@ -375,7 +384,9 @@ def test_brief_task_scores_image_and_audio_against_the_defaults():
     good = evaluate(ScriptedModel(True), splits=("train", "test"), gen_n=4, tasks=("brief",))
     assert set(good["test"]["brief"]) == {"image", "audio"}  # videos have no brief form
     for split in ("train", "test"):
-        assert all(v == 1.0 for m in ("image", "audio") for k, v in good[split]["brief"][m].items() if k != "examples")
+        assert all(v == 1.0 for m in ("image", "audio") for k, v in good[split]["brief"][m].items()
+                   if k not in ("examples", "reply"))
+        assert all(v == 1.0 for m in ("image", "audio") for v in good[split]["brief"][m]["reply"].values())
     assert "| generation (brief request) | image | size | 1.00 | 1.00 | 0.50 |" in table(good)
 
     class AlwaysVideo(ScriptedModel):

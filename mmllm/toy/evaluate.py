@@ -12,7 +12,8 @@ Generation (text in; media out): a request ("Draw a small red circle on the left
 the produced image / audio / video is read back with ``analyse_image`` /
 ``analyse_audio`` / ``analyse_video`` and compared per attribute; ``produced`` is the
 share of requests that gave media of the requested modality at all (a missing one
-scores wrong on every attribute).
+scores wrong on every attribute); ``reply`` scores what the reply's text names ("Here is a
+small red circle on the left.") the same way.
 
 Brief requests (image and audio out): requests that leave attributes out ("Draw a blue
 square."), scored like generation against the spec they ask for, the left-out attributes at
@@ -160,17 +161,21 @@ def evaluate_generation(model, modality: str, split: str, n: int, seed: int = 0,
     specs, prompts = _generation_requests(modality, split, n, seed, brief)
     results = _ask(model, [{"prompt": p} for p in prompts], batch, max_new_tokens, seed=seed, **decoder_kwargs)
     attrs = list(world.attribute_values(modality))
-    rows, produced, examples = [], [], []
+    rows, said, produced, examples = [], [], [], []
     empty = {a: None for a in attrs}
     for p, s, r in zip(prompts, specs, results):
         items = getattr(r, RESULT_FIELD[modality])
         produced.append(float(bool(items)))
         pred = read_output(modality, items[0]) if items else empty
         rows.append(oracle.score(pred, s))
+        said.append(oracle.score(oracle.analyse_text(r.text, modality), s))
         if len(examples) < keep_examples:
             examples.append({"request": p, "reply": r.text, "read_back": pred})
     out = {"produced": _mean(produced)}
     out.update({k: _mean([row[k] for row in rows]) for k in (*attrs, "all")})
+    # What the reply's text names ("Here is a low beep ..."): the signal tokens follow it, so
+    # an attribute named wrong here is lost before the output projector.
+    out["reply"] = {k: _mean([row[k] for row in said]) for k in (*attrs, "all")}
     out["examples"] = examples
     return out
 
@@ -387,8 +392,12 @@ def table(report: dict) -> str:
                 keyed = [(None, a) for a in (*attrs, "all", "mse")]
             else:
                 keyed = [(None, a) for a in ("produced", *attrs, "all")]
+                if "reply" in first[task][m]:
+                    keyed += [("reply", a) for a in (*attrs, "all")]
             for key, a in keyed:
-                name = f"{task} ({key})" if key else TASK_NAMES.get(task, task)
+                name = f"{task} ({key})" if task == "understanding" else TASK_NAMES.get(task, task)
+                if key == "reply":
+                    name += ": reply text"
                 ch = "-" if a in ("all", "produced", "mse") else f"{chance(m, a):.2f}"
                 if a == "all":
                     ch = f"{np.prod([chance(m, x) for x in attrs]):.3f}"
