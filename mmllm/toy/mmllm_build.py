@@ -44,7 +44,7 @@ from .components import TRAINING_INPUTS, VIDEO_FRAMES, build_components, compone
 MODEL_DIR = "model"
 BUILD_INFO = "build.json"
 DONE = "done.json"
-HINT = "the toy default is not built; run `python scripts/build_default.py` (~140 min on 2 CPU cores)"
+HINT = "the toy default is not built; run `python scripts/build_default.py` (~150 min on 2 CPU cores)"
 
 
 # Settings added after the shipped default was built, with their off values.
