@@ -213,14 +213,15 @@ def evaluate_conditioning(model, modality: str, split: str, n: int, seed: int = 
     ``mse`` is the mean squared distance to the true caption's conditioning (the align
     step's loss). No media is rendered."""
     from ..training import signal_states_of_rows
+    from .mmllm_build import _single_turn  # the stage-2 files' generation turn
 
     decoders = getattr(model, "decoders", None)
     if not decoders or modality not in decoders:
         raise ValueError(f"the 'conditioning' task needs model.decoders[{modality!r}]: a model that outputs {modality}")
     specs, prompts = _generation_requests(modality, split, n, seed)
     rng = _rng(seed, "conditioning", modality, split)
-    rows = [{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": world.generation_reply(s, rng)}],
-             "outputs": [{"modality": modality, "caption": world.canonical_caption(s)}]}
+    rows = [_single_turn(p, world.generation_reply(s, rng), output={"modality": modality,
+                                                                     "caption": world.canonical_caption(s)})
             for p, s in zip(prompts, specs)]
     cache = signal_states_of_rows(model, rows, batch_size=batch)
     projector = model.output_projectors[modality]
@@ -232,9 +233,9 @@ def evaluate_conditioning(model, modality: str, split: str, n: int, seed: int = 
         bank = decoders[modality].encode_text([world.canonical_caption(c) for c in candidates]).float().cpu()
         nearest = [int(((bank - x).pow(2).flatten(1).mean(1)).argmin()) for x in made]
     mse = float((made - cache.targets[modality]).pow(2).mean())
-    rows = [oracle.score(candidates[i].to_dict(), s) for i, s in zip(nearest, specs)]
+    scores = [oracle.score(candidates[i].to_dict(), s) for i, s in zip(nearest, specs)]
     attrs = list(world.attribute_values(modality))
-    return {**{k: _mean([row[k] for row in rows]) for k in (*attrs, "all")}, "mse": mse}
+    return {**{k: _mean([row[k] for row in scores]) for k in (*attrs, "all")}, "mse": mse}
 
 
 def evaluate_dialogues(model, split: str, n: int, seed: int = 0, max_new_tokens: int = 40,
