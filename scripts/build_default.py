@@ -1,6 +1,7 @@
 """Build mmllm's embedded default model: toy components, world data, stage 1, stage 2.
 
     python scripts/build_default.py                    # everything missing, under ~/.cache/mmllm/toy
+    python scripts/build_default.py --quick            # under 30 minutes on 2 CPU cores, weaker model
     python scripts/build_default.py --device cuda      # the same on a GPU (untested here)
     python scripts/build_default.py --fast --root DIR  # 2 steps of everything, tiny data (tests)
     python scripts/build_default.py --smoke --root DIR # every loss falls, in about a minute (checks an install)
@@ -40,6 +41,9 @@ def main(argv=None) -> None:
     parser.add_argument("--root", type=Path, default=None, help=f"output directory (default {default_root()})")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     parser.add_argument("--fast", action="store_true", help="2 steps of everything, tiny data (tests)")
+    parser.add_argument("--quick", action="store_true",
+                        help="about a fifth of the training: under 30 minutes from nothing on 2 CPU cores, "
+                             "a weaker model (docs/RESULTS.md, 'The quick build')")
     parser.add_argument("--smoke", action="store_true",
                         help="enough steps of everything for each loss to fall, in about a minute")
     parser.add_argument("--force", action="store_true", help="retrain both stages")
@@ -66,16 +70,18 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.fast and args.smoke:
-        parser.error("--fast and --smoke are alternatives; pick one")
-    settings = DefaultSettings.fast() if args.fast else DefaultSettings.smoke() if args.smoke else DefaultSettings()
+    profile = [name for name in ("fast", "quick", "smoke") if getattr(args, name)]
+    if len(profile) > 1:
+        parser.error(f"--{' and --'.join(profile)} are alternatives; pick one")
+    profile = profile[0] if profile else None
+    settings = getattr(DefaultSettings, profile)() if profile else DefaultSettings()
     for name in TUNABLE:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
     if args.stage2_mix:
         settings.stage2_mix = args.stage2_mix
-    components = BuildSettings.smoke() if args.smoke else BuildSettings.fast() if args.fast else BuildSettings()
+    components = getattr(BuildSettings, profile)() if profile else BuildSettings()
     if args.component_split:
         components.split = args.component_split
     start = time.time()

@@ -569,3 +569,34 @@ def test_default_names_colour_and_shape_of_a_toy_image(colour, shape):
     out = model.generate(NEWCOMER_PROMPT, image=world.render_image(spec), max_new_tokens=24)
     found = oracle.analyse_text(out.text, "image")
     assert (found.get("colour"), found.get("shape")) == (colour, shape), out.text
+
+
+def test_quick_build_is_the_default_recipe_with_fewer_steps(monkeypatch, tmp_path):
+    """`build_default.py --quick` (the under-30-minute CPU build) trains the default recipe,
+    only shorter: every changed setting is a step or example count, and each is smaller."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from mmllm.toy.components import BuildSettings
+
+    spec = importlib.util.spec_from_file_location("build_default_script", Path(__file__).parents[1] / "scripts" /
+                                                  "build_default.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+    monkeypatch.setattr(script, "build_default", lambda root, **kw: calls.append((root, kw)) or root)
+    script.main(["--quick", "--root", str(tmp_path), "--no-progress"])
+    (root, kw), = calls
+    assert root == tmp_path and kw["settings"] == DefaultSettings.quick()
+    assert kw["component_settings"] == BuildSettings.quick()
+
+    quick, full = dataclasses.asdict(DefaultSettings.quick()), dataclasses.asdict(DefaultSettings())
+    changed = {k for k in full if quick[k] != full[k]}
+    assert changed == {"stage1_steps", "stage2_steps", "align_steps", "align_examples"}
+    assert all(quick[k] < full[k] for k in changed - {"align_examples"}) and quick["align_examples"] > 0
+    quick, full = BuildSettings.quick(), BuildSettings()
+    assert dataclasses.replace(quick, steps=full.steps) == full
+    assert all(0 < quick.steps[k] < full.steps[k] for k in full.steps)
+    with pytest.raises(SystemExit):
+        script.main(["--quick", "--smoke", "--root", str(tmp_path)])

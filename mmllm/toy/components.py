@@ -121,6 +121,14 @@ class BuildSettings:
         )
 
     @classmethod
+    def quick(cls) -> "BuildSettings":
+        """About a fifth of the default steps (decoders a fifth, encoders two fifths to a half):
+        the components of ``build_default.py --quick``, which builds from nothing in under 30
+        minutes on 2 CPU cores with weaker decoders (docs/RESULTS.md, "The quick build")."""
+        return cls(steps={"clip": 1200, "audio_encoder": 300, "vae": 500,
+                          "image_decoder": 600, "audio_decoder": 360, "video_decoder": 200})
+
+    @classmethod
     def smoke(cls) -> "BuildSettings":
         """Enough steps for every component's loss to fall, in well under a minute on a CPU
         (the default test run's check of the whole chain); the results are not useful models."""
