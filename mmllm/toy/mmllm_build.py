@@ -44,7 +44,8 @@ from .components import TRAINING_INPUTS, VIDEO_FRAMES, build_components, compone
 MODEL_DIR = "model"
 BUILD_INFO = "build.json"
 DONE = "done.json"
-HINT = "the toy default is not built; run `python scripts/build_default.py` (~150 min on 2 CPU cores)"
+HINT = ("the toy default is not built; run `python scripts/build_default.py` (~150 min on 2 CPU cores), "
+        "or add --quick for a weaker model in under 30 min")
 
 
 # Settings added after the shipped default was built, with their off values.
@@ -126,9 +127,10 @@ class DefaultSettings:
     @classmethod
     def quick(cls) -> "DefaultSettings":
         """The stages of ``build_default.py --quick`` (under 30 minutes from nothing on 2 CPU
-        cores with ``BuildSettings.quick()``): the default recipe with a seventh of stage 2,
-        two thirds of stage 1, and an align step on 400 requests per output modality."""
-        return cls(stage1_steps=80, stage2_steps=180, align_steps=2000, align_examples=400)
+        cores with ``BuildSettings.quick()``): the default recipe with a fifth of stage 2, half
+        of stage 1, and a quarter of the align steps on 400 requests per output modality
+        (caching all of them costs 150 s more; docs/RESULTS.md, "The quick build")."""
+        return cls(stage1_steps=60, stage2_steps=260, align_steps=2000, align_examples=400)
 
     @classmethod
     def smoke(cls) -> "DefaultSettings":
