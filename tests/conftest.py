@@ -22,6 +22,23 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
+def load_script():
+    """``load_script("build_default")``: a module of ``scripts/``, loaded from its file
+    (the scripts are not a package), so a test can call its ``main(argv)`` or patch it."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny():
     """The ``tiny`` preset: random, built locally, image/audio/video in and out."""
     import mmllm

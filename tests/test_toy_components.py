@@ -207,10 +207,7 @@ def test_logistic_probe_reads_a_linearly_coded_label_and_not_noise():
     assert sum(p == v for p, v in zip(noise, labels[60:])) < 0.7 * 30
 
 
-def test_image_feature_probes_report_every_feature_attribute_and_newcomer_image(root, capsys):
-    import importlib.util
-    from pathlib import Path
-
+def test_image_feature_probes_report_every_feature_attribute_and_newcomer_image(root, capsys, load_script):
     from mmllm.toy.quality import IMAGE_FEATURES, image_feature_probes
 
     report = image_feature_probes(root, n_train=24, n_test=8)
@@ -222,9 +219,6 @@ def test_image_feature_probes_report_every_feature_attribute_and_newcomer_image(
     for new in report["newcomer"].values():  # the mistakes account for every pair not read right
         wrong = round((1 - new["held_in"]) * (24 - held_out) + (1 - new["held_out"]) * held_out)
         assert len(new["mistakes"]) == wrong
-    spec = importlib.util.spec_from_file_location("probe_clip", Path(__file__).parents[1] / "scripts" / "probe_clip.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main(["--root", str(root), "--n-train", "24", "--n-test", "8"])
+    load_script("probe_clip").main(["--root", str(root), "--n-train", "24", "--n-test", "8"])
     out = capsys.readouterr().out
     assert "| class token |" in out and "| all tokens |" in out and "newcomer shape" in out

@@ -522,19 +522,13 @@ def test_whole_chain_smoke_every_loss_falls(tmp_path):
 # --------------------------------------------------------------------------- recipe comparison
 
 
-def test_recipe_variants_train_what_they_name(built, tmp_path):
+def test_recipe_variants_train_what_they_name(built, tmp_path, load_script):
     """Each variant is a real short run with its own TrainConfig fields and model overrides,
     scored held-in and held-out; scripts/compare_recipes.py parses the same variants."""
-    import importlib.util
-    from pathlib import Path
-
     from mmllm.toy.mmllm_build import write_data
     from mmllm.toy.recipes import compare, split_variant, table
 
-    spec = importlib.util.spec_from_file_location("compare_recipes", Path(__file__).parents[1] / "scripts" /
-                                                  "compare_recipes.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("compare_recipes")
     name, linear = script.parse_variant("linear: lr=6e-3 inputs.image.projector.type=linear")
     assert (name, linear) == ("linear", {"lr": 0.006, "inputs.image.projector.type": "linear"})
     assert split_variant(linear) == ({"lr": 0.006}, {"inputs.image.projector.type": "linear"})
@@ -571,19 +565,14 @@ def test_default_names_colour_and_shape_of_a_toy_image(colour, shape):
     assert (found.get("colour"), found.get("shape")) == (colour, shape), out.text
 
 
-def test_quick_build_is_the_default_recipe_with_fewer_steps(monkeypatch, tmp_path):
+def test_quick_build_is_the_default_recipe_with_fewer_steps(monkeypatch, tmp_path, load_script):
     """`build_default.py --quick` (the under-30-minute CPU build) trains the default recipe,
     only shorter: every changed setting is a step or example count, and each is smaller."""
     import dataclasses
-    import importlib.util
-    from pathlib import Path
 
     from mmllm.toy.components import BuildSettings
 
-    spec = importlib.util.spec_from_file_location("build_default_script", Path(__file__).parents[1] / "scripts" /
-                                                  "build_default.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("build_default")
     calls = []
     monkeypatch.setattr(script, "build_default", lambda root, **kw: calls.append((root, kw)) or root)
     script.main(["--quick", "--root", str(tmp_path), "--no-progress"])
