@@ -7,7 +7,7 @@ without interruption, then again, killing it ``--kills`` times at seeded random 
 restarting it with ``--resume latest`` each time. After every kill each ``checkpoints/step-*``
 directory must be complete and readable (weights, optimiser state, trainer state); ``.tmp-*``
 directories may be left behind and are ignored (the first ``--in-save`` kills are aimed at a
-checkpoint being written: the process is killed once ``.tmp-step-N`` appears). At the end the weights in ``model/`` must equal
+checkpoint being written: the process is frozen with SIGSTOP while ``.tmp-step-N`` exists and killed). At the end the weights in ``model/`` must equal
 those of the uninterrupted run bit for bit (``torch.equal``), and so must the loss history.
 Prints one line per attempt and a JSON summary; exits 1 on a mismatch.
 """
@@ -89,14 +89,28 @@ def final_weights(out: Path) -> dict:
     return load_file(str(out / "model" / "trainable.safetensors"))
 
 
-def wait_for_save(proc: subprocess.Popen, out: Path, timeout: float) -> bool:
-    """Poll until a checkpoint is being written (a ``.tmp-step-*`` dir exists) while an earlier one is
-    complete, so that the restart resumes; False if none came."""
-    end, since = time.monotonic() + timeout, time.time()
+def stop_inside_save(proc: subprocess.Popen, out: Path, timeout: float) -> bool:
+    """Freeze the process (SIGSTOP) while a checkpoint is being written after an earlier one is
+    complete, so that a kill now lands inside the save and the restart resumes. A ``.tmp-step-N``
+    dir seen by polling may be renamed to ``step-N`` before the stop lands; then the process is
+    continued and the next save is tried. False if none was caught before ``timeout``."""
+    ckdir, since = out / "checkpoints", time.time()
+    end = time.monotonic() + timeout
+
+    def fresh(tmp: Path) -> bool:  # written by this process, not left over by a killed one
+        try:
+            return tmp.stat().st_ctime >= since
+        except FileNotFoundError:  # renamed to step-N meanwhile
+            return False
+
     while time.monotonic() < end and proc.poll() is None:
-        fresh = [p for p in (out / "checkpoints").glob(".tmp-step-*") if p.stat().st_ctime >= since]  # not a left-over
-        if fresh and any((out / "checkpoints").glob("step-*")):
-            return True
+        done = [int(p.name.split("-")[1]) for p in ckdir.glob("step-*")] if ckdir.is_dir() else []
+        writing = [p for p in ckdir.glob(".tmp-step-*") if done and int(p.name.split("-")[2]) > max(done) and fresh(p)]
+        if writing:
+            os.kill(proc.pid, signal.SIGSTOP)
+            if writing[0].is_dir() and not (ckdir / writing[0].name.removeprefix(".tmp-")).exists():
+                return True  # stopped mid-save
+            os.kill(proc.pid, signal.SIGCONT)  # the save finished before the stop: try the next one
         time.sleep(0.001)
     return False
 
@@ -149,8 +163,7 @@ def kill_resume(workdir: Path, kills: int = 5, steps: int = 30, save_every: int 
             aimed = killed < in_save  # these first, while there are saves to come
             t_start = time.monotonic()
             if aimed:
-                wait_for_save(proc, out, 10 * train_s)
-                time.sleep(rng.uniform(0.0, 0.01))  # somewhere inside accelerate's save_state
+                stop_inside_save(proc, out, 10 * train_s)  # the kill below lands on the frozen save
             else:
                 wait_for_step(proc, out, targets[killed - in_save])
                 time.sleep(rng.uniform(0.0, interval / 2))
