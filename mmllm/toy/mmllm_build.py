@@ -127,10 +127,12 @@ class DefaultSettings:
     @classmethod
     def quick(cls) -> "DefaultSettings":
         """The stages of ``build_default.py --quick`` (under 30 minutes from nothing on 2 CPU
-        cores with ``BuildSettings.quick()``): the default recipe with a fifth of stage 2, half
-        of stage 1, and a quarter of the align steps on 400 requests per output modality
-        (caching all of them costs 150 s more; docs/RESULTS.md, "The quick build")."""
-        return cls(stage1_steps=60, stage2_steps=260, align_steps=2000, align_examples=400)
+        cores with ``BuildSettings.quick()``): the default recipe with a fifth of stage 2, a
+        quarter of stage 1 (the steps it gave up paid for the image decoder's), and half of the
+        align steps on 400 requests per output modality. Align steps cost 0.03 s each and 2000
+        left the projectors underfitted (held-back L2 image 0.35, 4000: 0.18); caching every
+        request costs 130 s more (docs/RESULTS.md, "The quick build")."""
+        return cls(stage1_steps=30, stage2_steps=240, align_steps=4000, align_examples=400)
 
     @classmethod
     def smoke(cls) -> "DefaultSettings":
