@@ -470,3 +470,41 @@ def test_align_val_examples_are_held_back_and_scored(base_model, data, fresh):
     with pytest.raises(ValueError, match="lower val_examples"):
         align_output_projectors(model, generation=data["generation"], data_root=data["root"], steps=1,
                                 progress=False, val_examples=max(full.values()))
+
+
+def test_align_on_a_given_cache_equals_caching_it_itself(base_model, data, fresh, tmp_path, load_script):
+    """cache=: align_output_projectors skips the LLM pass and fits exactly as on its own cache;
+    SignalCache.take keeps the last sequences as the shared held-back set; scripts/align_sweep.py
+    runs variants on one saved cache and gives the same numbers when it reloads it."""
+    import math
+
+    from mmllm.training import align_output_projectors, cache_signal_states
+
+    kw = dict(steps=5, batch_size=4, lr=1e-3, seed=3, progress=False, reinit=True, val_examples=1)
+    own = fresh(base_model)
+    r_own = align_output_projectors(own, generation=data["generation"], data_root=data["root"], **kw)
+    given = fresh(base_model)
+    cache = cache_signal_states(given, generation=data["generation"], data_root=data["root"], progress=False)
+    r_given = align_output_projectors(given, cache=cache, **kw)
+    assert r_given.val_loss == r_own.val_loss and r_given.examples == r_own.examples
+    for m in own.output_projectors:
+        a, b = own.output_projectors[m].state_dict(), given.output_projectors[m].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    part = cache.take(1, 1)
+    assert part.counts() == {m: 2 for m in cache.counts()}
+    for m, s in cache.states.items():
+        assert torch.equal(part.states[m][0], s[0]) and torch.equal(part.states[m][-1], s[-1])
+    with pytest.raises(ValueError, match="cache more requests"):
+        cache.take(max(cache.counts().values()), 1)
+
+    sweep = load_script("align_sweep")
+    argv = ["--model", "tiny", "--generation", data["generation"], "--variants", "1:3:2", "2:3:2:1e-3", "--val", "1",
+            "--cache-file", str(tmp_path / "cache.pt"), "--no-progress"]
+    rows = sweep.main(argv)
+    assert [(r["train"], r["lr"]) for r in rows] == [(1, 2e-3), (2, 1e-3)] and (tmp_path / "cache.pt").is_file()
+    assert all(set(r["val_loss"]) == set(cache.counts()) and all(math.isfinite(v) for v in r["val_loss"].values())
+               for r in rows)
+    assert [r["val_loss"] for r in sweep.main(argv)] == [r["val_loss"] for r in rows]  # from the saved cache
+    with pytest.raises(SystemExit):
+        sweep.main(["--variants", "400"])

@@ -38,6 +38,19 @@ class SignalCache:
     def counts(self) -> dict[str, int]:
         return {m: len(t) for m, t in self.targets.items()}
 
+    def take(self, first: int, last: int = 0) -> "SignalCache":
+        """The first ``first`` sequences of every modality followed by its last ``last``: with
+        ``val_examples=last``, runs on growing ``first`` share one held-back set."""
+        if any(n < first + last for n in self.counts().values()):
+            raise ValueError(f"take({first}, {last}) needs {first + last} cached sequences per modality; "
+                             f"the cache has {self.counts()}: cache more requests or take fewer")
+
+        def cut(t):
+            return torch.cat([t[:first], t[len(t) - last:]])
+
+        return SignalCache({m: cut(s) for m, s in self.states.items()}, dict(self.embeds),
+                           {m: cut(t) for m, t in self.targets.items()})
+
 
 @dataclass
 class AlignResult:
@@ -129,7 +142,8 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
                             batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0,
                             warmup_ratio: float = 0.03, seed: int = 0, cache_batch_size: int = 16,
                             progress: bool = True, max_examples: int | None = None,
-                            reinit: bool = False, val_examples: int = 0) -> AlignResult:
+                            reinit: bool = False, val_examples: int = 0,
+                            cache: SignalCache | None = None) -> AlignResult:
     """Train the output projectors alone, on cached states (see the module docstring).
 
     Each step takes ``batch_size`` cached sequences of one modality (modalities in turn)
@@ -137,8 +151,11 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
     ``reinit`` starts the projectors from a fresh (seeded) initialisation instead of their
     trained state. ``val_examples`` holds back the last that many cached sequences of every
     modality from training and scores the final projectors on them (``val_loss``): the
-    cache is small, and a projector that fits it can still miss new requests. Returns the
-    losses (first and last tenth of the run), counts and timing.
+    cache is small, and a projector that fits it can still miss new requests. ``cache``: a
+    ``SignalCache`` of this model from ``cache_signal_states``, used instead of a new LLM pass
+    (the data arguments and ``max_examples`` are then not read), so that runs with other
+    settings share one cache (``scripts/align_sweep.py``). Returns the losses (first and last
+    tenth of the run), counts and timing.
     """
     from tqdm.auto import tqdm
 
@@ -148,8 +165,9 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
         for m in list(model.output_projectors):
             model.output_projectors[m] = model.new_output_projector(m)
     set_trainable(model, "align_outputs")
-    cache = cache_signal_states(model, generation, conversations, data_root, cache_batch_size, progress, report,
-                                None if max_examples is None else max_examples + val_examples)
+    if cache is None:
+        cache = cache_signal_states(model, generation, conversations, data_root, cache_batch_size, progress, report,
+                                    None if max_examples is None else max_examples + val_examples)
     short = {m: n for m, n in cache.counts().items() if n <= val_examples}
     if short:
         raise ValueError(f"val_examples={val_examples} leaves nothing to train on for {short} cached sequences; "

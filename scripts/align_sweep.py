@@ -1,0 +1,90 @@
+"""Compare settings of the align step (decoding-side alignment) on one cache of a model's states.
+
+    python scripts/align_sweep.py                                  # the toy build's stage-2 model
+    python scripts/align_sweep.py --variants 400:2000 400:4000 800:4000:64:2e-3 --val 100
+    python scripts/align_sweep.py --model runs/x/model --conversations data.json --cache-file /tmp/c.pt
+
+The LLM runs once over the requests and its states at every signal sequence are cached (the
+costly part: about 0.1 s a request on 2 CPU cores; ``--cache-file`` keeps them for the next
+call). Each variant ``TRAIN:STEPS[:BATCH[:LR]]`` then fits fresh output projectors, as the
+build's align step does (``align_output_projectors(reinit=True)``), on the first TRAIN cached
+sequences per modality, and scores them on the same last ``--val`` ones (held-back L2).
+Prints a Markdown table. docs/RESULTS.md ("The quick build") has a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mmllm.training import SignalCache, align_output_projectors, cache_signal_states, load_model
+
+
+def parse_variant(text: str) -> dict:
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAIN:STEPS[:BATCH[:LR]], e.g. 400:4000 or 400:4000:64:2e-3")
+    try:
+        train, steps = int(parts[0]), int(parts[1])
+        batch = int(parts[2]) if len(parts) > 2 else 64
+        lr = float(parts[3]) if len(parts) > 3 else 2e-3
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
+    return {"train": train, "steps": steps, "batch": batch, "lr": lr}
+
+
+def load_cache(model, args) -> SignalCache:
+    path = Path(args.cache_file) if args.cache_file else None
+    if path is not None and path.is_file():
+        return SignalCache(**torch.load(path, weights_only=True))
+    cache = cache_signal_states(model, generation=args.generation, conversations=args.conversations,
+                                data_root=args.data_root, progress=not args.no_progress)
+    if path is not None:
+        torch.save(asdict(cache), path)
+    return cache
+
+
+def main(argv=None) -> list[dict]:
+    from mmllm.toy.components import default_root
+
+    root = default_root()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(root / "runs/stage2/model"), help="model dir or preset (default: the toy build's stage-2 model)")
+    p.add_argument("--conversations", default=None, help="conversation file with <gen:MOD> turns (default: the toy build's stage2_text.json)")
+    p.add_argument("--generation", default=None, help="generation-pair file, instead of or beside --conversations")
+    p.add_argument("--data-root", default=None, help="where relative media paths resolve (default: the data file's folder)")
+    p.add_argument("--variants", nargs="+", type=parse_variant, default=[parse_variant(v) for v in ("400:2000", "400:4000", "800:4000")],
+                   metavar="TRAIN:STEPS[:BATCH[:LR]]")
+    p.add_argument("--val", type=int, default=100, help="held-back sequences per modality, the same for every variant")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-file", default=None, help="save the cache here, or load it if the file exists")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.conversations is None and args.generation is None:
+        args.conversations = str(root / "data/stage2_text.json")
+    args.data_root = args.data_root or str(Path(args.conversations or args.generation).parent)
+
+    model = load_model(args.model)
+    cache = load_cache(model, args)
+    print(f"cached sequences per modality: {cache.counts()}")
+    start = copy.deepcopy(model.output_projectors)
+    rows = []
+    print("| train | steps | batch | lr | seconds | held-back L2 " + " / ".join(sorted(cache.counts())) + " |")
+    print("|---|---|---|---|---|---|")
+    for v in args.variants:
+        model.output_projectors = copy.deepcopy(start)
+        result = align_output_projectors(model, steps=v["steps"], batch_size=v["batch"], lr=v["lr"], seed=args.seed,
+                                         progress=not args.no_progress, reinit=True, val_examples=args.val,
+                                         cache=cache.take(v["train"], args.val))
+        rows.append({**v, "seconds": result.seconds, "val_loss": result.val_loss})
+        l2 = " / ".join(f"{result.val_loss[m]:.3f}" for m in sorted(result.val_loss))
+        print(f"| {v['train']} | {v['steps']} | {v['batch']} | {v['lr']:g} | {result.seconds:.0f} | {l2} |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
