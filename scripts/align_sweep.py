@@ -25,26 +25,37 @@ from mmllm.training import SignalCache, align_output_projectors, cache_signal_st
 
 
 def parse_variant(text: str) -> dict:
+    """``TRAIN:STEPS[:BATCH[:LR]]``; BATCH and LR default to the toy build's (``DefaultSettings``)."""
+    from mmllm.toy.mmllm_build import DefaultSettings
+
     parts = text.split(":")
     if not 2 <= len(parts) <= 4:
         raise argparse.ArgumentTypeError(f"{text!r}: expected TRAIN:STEPS[:BATCH[:LR]], e.g. 400:4000 or 400:4000:64:2e-3")
+    build = DefaultSettings()
     try:
         train, steps = int(parts[0]), int(parts[1])
-        batch = int(parts[2]) if len(parts) > 2 else 64
-        lr = float(parts[3]) if len(parts) > 3 else 2e-3
+        batch = int(parts[2]) if len(parts) > 2 else build.align_batch
+        lr = float(parts[3]) if len(parts) > 3 else build.align_lr
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
     return {"train": train, "steps": steps, "batch": batch, "lr": lr}
 
 
 def load_cache(model, args) -> SignalCache:
+    """The model's signal states over the requests; with ``--cache-file``, read from it when it
+    holds the same model and data, written to it when it does not exist yet."""
     path = Path(args.cache_file) if args.cache_file else None
+    source = {"model": args.model, "generation": args.generation, "conversations": args.conversations}
     if path is not None and path.is_file():
-        return SignalCache(**torch.load(path, weights_only=True))
+        saved = torch.load(path, weights_only=True)
+        if saved.pop("source", None) != source:
+            raise SystemExit(f"{path} caches another model or data file than {source}; "
+                             f"delete it or pass another --cache-file")
+        return SignalCache(**saved)
     cache = cache_signal_states(model, generation=args.generation, conversations=args.conversations,
                                 data_root=args.data_root, progress=not args.no_progress)
     if path is not None:
-        torch.save(asdict(cache), path)
+        torch.save({"source": source, **asdict(cache)}, path)
     return cache
 
 
@@ -61,7 +72,8 @@ def main(argv=None) -> list[dict]:
                    metavar="TRAIN:STEPS[:BATCH[:LR]]")
     p.add_argument("--val", type=int, default=100, help="held-back sequences per modality, the same for every variant")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-file", default=None, help="save the cache here, or load it if the file exists")
+    p.add_argument("--cache-file", default=None,
+                   help="save the cache here, or load it if the file exists (for the same --model and data files)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.conversations is None and args.generation is None:

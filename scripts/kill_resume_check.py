@@ -94,6 +94,8 @@ def stop_inside_save(proc: subprocess.Popen, out: Path, timeout: float) -> bool:
     complete, so that a kill now lands inside the save and the restart resumes. A ``.tmp-step-N``
     dir seen by polling may be renamed to ``step-N`` before the stop lands; then the process is
     continued and the next save is tried. False if none was caught before ``timeout``."""
+    from mmllm.training.trainer import latest_checkpoint
+
     ckdir, since = out / "checkpoints", time.time()
     end = time.monotonic() + timeout
 
@@ -104,8 +106,10 @@ def stop_inside_save(proc: subprocess.Popen, out: Path, timeout: float) -> bool:
             return False
 
     while time.monotonic() < end and proc.poll() is None:
-        done = [int(p.name.split("-")[1]) for p in ckdir.glob("step-*")] if ckdir.is_dir() else []
-        writing = [p for p in ckdir.glob(".tmp-step-*") if done and int(p.name.split("-")[2]) > max(done) and fresh(p)]
+        latest = latest_checkpoint(out)
+        newest = int(latest.name.split("-")[1]) if latest is not None else None
+        writing = [p for p in ckdir.glob(".tmp-step-*") if int(p.name.split("-")[2]) > newest and fresh(p)] \
+            if newest is not None else []
         if writing:
             os.kill(proc.pid, signal.SIGSTOP)
             if writing[0].is_dir() and not (ckdir / writing[0].name.removeprefix(".tmp-")).exists():

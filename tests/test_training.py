@@ -506,5 +506,9 @@ def test_align_on_a_given_cache_equals_caching_it_itself(base_model, data, fresh
     assert all(set(r["val_loss"]) == set(cache.counts()) and all(math.isfinite(v) for v in r["val_loss"].values())
                for r in rows)
     assert [r["val_loss"] for r in sweep.main(argv)] == [r["val_loss"] for r in rows]  # from the saved cache
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(data["generation"]).read_text())
+    with pytest.raises(SystemExit, match="another model or data file"):
+        sweep.main([*argv[:3], str(other), *argv[4:]])  # the cache holds another data file's states
     with pytest.raises(SystemExit):
         sweep.main(["--variants", "400"])
