@@ -53,6 +53,9 @@ def main(argv=None) -> None:
                              "always train on the train split), see docs/TOY.md")
     parser.add_argument("--stage2-mix", choices=MIXES, default=None,
                         help="how stage 2's files share batches (default alternate; TrainConfig.mix)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                        help="both stages' precision (default fp32, --quick auto): bf16 mixed precision, "
+                             "or auto, bf16 where this machine computes it natively (DefaultSettings.precision)")
     parser.add_argument("--set", dest="overrides", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                         help="model-config override, dotted, value as JSON (repeatable), e.g. "
                              "'inputs.video.projector.options={\"num_tokens\":4,\"per_token\":true}'; "
@@ -81,6 +84,8 @@ def main(argv=None) -> None:
             setattr(settings, name, value)
     if args.stage2_mix:
         settings.stage2_mix = args.stage2_mix
+    if args.precision:
+        settings.precision = args.precision
     components = getattr(BuildSettings, profile)() if profile else BuildSettings()
     if args.component_split:
         components.split = args.component_split

@@ -567,7 +567,8 @@ def test_default_names_colour_and_shape_of_a_toy_image(colour, shape):
 
 def test_quick_build_is_the_default_recipe_with_fewer_steps(monkeypatch, tmp_path, load_script):
     """`build_default.py --quick` (the under-30-minute CPU build) trains the default recipe,
-    only shorter: every changed setting is a step or example count, and each is smaller."""
+    only shorter: every changed setting is a step or example count, and each is smaller, except
+    the precision (bf16 where the machine has it natively)."""
     import dataclasses
 
     from mmllm.toy.components import BuildSettings
@@ -581,8 +582,9 @@ def test_quick_build_is_the_default_recipe_with_fewer_steps(monkeypatch, tmp_pat
     assert kw["component_settings"] == BuildSettings.quick()
 
     quick, full = dataclasses.asdict(DefaultSettings.quick()), dataclasses.asdict(DefaultSettings())
-    changed = {k for k in full if quick[k] != full[k]}
+    changed = {k for k in full if quick[k] != full[k]} - {"precision"}
     assert changed == {"stage1_steps", "stage2_steps", "align_steps", "align_examples"}
+    assert (quick["precision"], full["precision"]) == ("auto", "fp32")
     assert all(quick[k] < full[k] for k in changed - {"align_examples"}) and quick["align_examples"] > 0
     quick, full = BuildSettings.quick(), BuildSettings()
     assert dataclasses.replace(quick, steps=full.steps) == full

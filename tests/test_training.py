@@ -287,6 +287,27 @@ def test_stage1_lowers_loss_and_trains_only_projectors_and_signal_rows(base_mode
         assert torch.equal(loaded.trainable_state_dict()[k], v), k
 
 
+def test_auto_precision_trains_in_bf16_only_where_it_is_native(base_model, data, tmp_path, fresh, monkeypatch):
+    from mmllm.training import config as config_module
+
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(config_module, "native_bf16", lambda native=native: native)
+        assert TrainConfig(precision="auto").mixed_precision == expected
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="bf17")
+    # A bf16 stage keeps fp32 weights and still learns.
+    model = fresh(base_model)
+    cfg = TrainConfig(stage="stage1", out=str(tmp_path / "s1"), captions=data["captions"],
+                      generation=data["generation"], steps=20, batch_size=8, lr=1e-2, warmup_ratio=0.0,
+                      progress=False, save_every=0, precision="auto")
+    monkeypatch.setattr(config_module, "native_bf16", lambda: True)  # bf16 whatever this CPU has
+    before_loss, _ = batch_loss(model, cfg)
+    result = train(cfg, model=model)
+    after_loss, _ = batch_loss(model, cfg)
+    assert result.steps == 20 and after_loss < 0.8 * before_loss, (before_loss, after_loss)
+    assert all(p.dtype == torch.float32 for p in model.input_projectors.parameters())
+
+
 def test_stage2_from_stage1_output(base_model, data, tmp_path, fresh):
     s1 = fresh(base_model)
     s1.save_pretrained(tmp_path / "s1" / "model")

@@ -8,7 +8,7 @@ from typing import Optional
 from mmllm.config import JsonConfig, LoraConfig
 
 STAGES = ("stage1_enc", "stage1_dec", "stage1", "stage2", "align_outputs")
-PRECISIONS = ("fp32", "no", "bf16", "fp16")
+PRECISIONS = ("fp32", "no", "bf16", "fp16", "auto")
 NAN_POLICIES = ("skip", "stop")
 MIXES = ("mixed", "alternate", "spread")
 
@@ -30,7 +30,8 @@ class TrainConfig(JsonConfig):
     batch_size: samples per micro-batch and process; global batch = batch_size x grad_accum x processes.
     lr / projector_lr: learning rate of LoRA and signal rows / of the projectors (None: ``lr``).
     warmup_ratio: linear warmup share of the steps, then cosine decay to 0.
-    precision: ``fp32`` (or ``no``), ``bf16`` or ``fp16`` mixed precision (accelerate).
+    precision: ``fp32`` (or ``no``), ``bf16`` or ``fp16`` mixed precision (accelerate), or
+        ``auto``: bf16 where the machine computes it natively (``native_bf16``), else fp32.
     l2_scale: per-modality weight of the L2 loss to the decoder's text conditioning.
     mix: ``mixed`` batches (sources interleaved row by row), ``alternate`` (whole batches, one
         source after another until each runs out, so the largest source ends the epoch alone)
@@ -97,4 +98,21 @@ class TrainConfig(JsonConfig):
     @property
     def mixed_precision(self) -> str:
         """The ``Accelerator(mixed_precision=...)`` value."""
+        if self.precision == "auto":
+            return "bf16" if native_bf16() else "no"
         return "no" if self.precision in ("fp32", "no") else self.precision
+
+
+def native_bf16() -> bool:
+    """Whether bf16 autocast runs natively here: on the CUDA GPU accelerate will pick (Ampere or
+    later), else on a CPU with AVX512-BF16 or AMX. There the toy stages run 1.2-1.3x faster than
+    in fp32 (docs/RESULTS.md, "Mixed precision on the CPU"); a CPU without them emulates bf16,
+    slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False

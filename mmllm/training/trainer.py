@@ -106,6 +106,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     trackers = "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else None
+    _allow_new_precision(cfg.mixed_precision)
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -114,6 +115,18 @@ def make_accelerator(cfg: TrainConfig):
         # A batch without audio leaves the audio projector unused: DDP must allow that.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def _allow_new_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another
+    precision ("restart your runtime"). In a single process nothing else holds that state
+    between our runs, so a stage in bf16 after one in fp32 (a notebook, a build) just resets it."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision \
+            and shared.get("distributed_type") == DistributedType.NO:
+        AcceleratorState._reset_state()
 
 
 class Trainer:
@@ -218,7 +231,7 @@ class Trainer:
         if not sum(counts.values()):
             raise ValueError(f"stage {cfg.stage!r} leaves nothing trainable in this model")
         self.print(f"stage {cfg.stage} on {acc.num_processes} process(es) ({acc.distributed_type}, "
-                   f"precision {cfg.precision}): trainable parameters\n{parameter_table(self.model)}")
+                   f"precision {cfg.precision}, autocast {acc.mixed_precision}): trainable parameters\n{parameter_table(self.model)}")
         if cfg.gradient_checkpointing:
             self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.to(acc.device)
