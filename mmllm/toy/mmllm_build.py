@@ -118,8 +118,8 @@ class DefaultSettings:
     align_reinit: bool = True
     # Both stages' precision (TrainConfig.precision): "bf16" is mixed precision (fp32 weights,
     # bf16 matmuls under autocast), "auto" bf16 where the machine computes it natively. The
-    # default build was measured in fp32; the quick one uses "auto" (stage 1 1.33x and stage 2
-    # 1.18x faster on the 2-core CPU, docs/RESULTS.md "Mixed precision on the CPU").
+    # default build was measured in fp32; the quick one uses "auto" (its stages 1.16-1.33x
+    # faster on the 2-core CPU, docs/RESULTS.md "Mixed precision on the CPU").
     precision: str = "fp32"
     save_every: int = 10  # checkpoints, for resuming an interrupted stage
     seed: int = 0
