@@ -106,9 +106,10 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     trackers = "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else None
-    _allow_new_precision(cfg.mixed_precision)
+    precision = cfg.mixed_precision  # "auto" resolved once, for both uses
+    _allow_new_precision(precision)
     return Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "logs")),
