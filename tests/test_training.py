@@ -421,6 +421,27 @@ def test_cached_states_equal_the_training_forward(base_model, data, fresh):
         torch.testing.assert_close(cache.targets[m], target.float())
 
 
+def test_cached_states_under_bf16_autocast_stay_close_and_targets_exact(base_model, data, fresh):
+    """precision="bf16" runs the LLM pass under autocast: fp32 states within bf16 rounding of
+    the fp32 pass, the decoders' targets untouched; an unknown precision says the valid ones."""
+    from mmllm.training import cache_signal_states
+
+    model = fresh(base_model)
+    model.eval()
+    kw = dict(generation=data["generation"], data_root=data["root"], batch_size=64, progress=False)
+    full = cache_signal_states(model, **kw)
+    half = cache_signal_states(model, precision="bf16", **kw)
+    assert half.counts() == full.counts()
+    for m, states in full.states.items():
+        assert half.states[m].dtype == torch.float32
+        assert not torch.equal(half.states[m], states)  # the pass did run in bf16
+        cos = torch.nn.functional.cosine_similarity(half.states[m].flatten(1), states.flatten(1))
+        assert cos.min() > 0.99, (m, cos.min())
+        torch.testing.assert_close(half.targets[m], full.targets[m], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="precision='bf17'; use one of"):
+        cache_signal_states(model, precision="bf17", **kw)
+
+
 def test_align_output_projectors_lowers_l2_and_touches_nothing_else(base_model, data, fresh):
     from mmllm.training import align_output_projectors, cache_signal_states
 
@@ -529,7 +550,9 @@ def test_align_on_a_given_cache_equals_caching_it_itself(base_model, data, fresh
     assert [r["val_loss"] for r in sweep.main(argv)] == [r["val_loss"] for r in rows]  # from the saved cache
     other = tmp_path / "other.jsonl"
     other.write_text(Path(data["generation"]).read_text())
-    with pytest.raises(SystemExit, match="another model or data file"):
+    with pytest.raises(SystemExit, match="another model, data file or precision"):
         sweep.main([*argv[:3], str(other), *argv[4:]])  # the cache holds another data file's states
+    with pytest.raises(SystemExit, match="another model, data file or precision"):
+        sweep.main([*argv, "--precision", "bf16"])  # ... or fp32 states
     with pytest.raises(SystemExit):
         sweep.main(["--variants", "400"])

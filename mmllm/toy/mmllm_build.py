@@ -116,10 +116,11 @@ class DefaultSettings:
     # projector rate they sit in a collapsed state that 1500 steps at 1e-3 do not leave
     # (L2 0.49 from the trained state against 0.17 from a fresh one, docs/RESULTS.md).
     align_reinit: bool = True
-    # Both stages' precision (TrainConfig.precision): "bf16" is mixed precision (fp32 weights,
-    # bf16 matmuls under autocast), "auto" bf16 where the machine computes it natively. The
-    # default build was measured in fp32; the quick one uses "auto" (its stages 1.16-1.33x
-    # faster on the 2-core CPU, docs/RESULTS.md "Mixed precision on the CPU").
+    # Both stages' precision and the align step's LLM pass (TrainConfig.precision): "bf16" is
+    # mixed precision (fp32 weights, bf16 matmuls under autocast), "auto" bf16 where the
+    # machine computes it natively. The default build was measured in fp32; the quick one uses
+    # "auto" (its stages 1.16-1.33x and the align cache pass 1.8x faster on the 2-core CPU,
+    # docs/RESULTS.md "Mixed precision on the CPU").
     precision: str = "fp32"
     save_every: int = 10  # checkpoints, for resuming an interrupted stage
     seed: int = 0
@@ -136,8 +137,10 @@ class DefaultSettings:
         quarter of stage 1 (the steps it gave up paid for the image decoder's), and half of the
         align steps on 400 requests per output modality. Align steps cost 0.03 s each and 2000
         left the projectors underfitted (held-back L2 image 0.35, 4000: 0.18); caching every
-        request costs 130 s more (docs/RESULTS.md, "The quick build"). Its stages run in bf16
-        mixed precision where the machine has it natively (``precision="auto"``)."""
+        request costs 130 s more (docs/RESULTS.md, "The quick build"). Its stages and the align
+        step's LLM pass run in bf16 mixed precision where the machine has it natively
+        (``precision="auto"``). Stage 2 at 300 or 360 steps read images no better in single
+        rebuilds and took the build to 29.7 minutes (docs/RESULTS.md, "Longer quick stage 2")."""
         return cls(stage1_steps=30, stage2_steps=240, align_steps=4000, align_examples=400, precision="auto")
 
     @classmethod
@@ -350,19 +353,22 @@ def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[st
     """Decoding-side alignment of the stage-2 model's output projectors on its cached states
     at the generation conversations' signal tokens (``mmllm.training.align``)."""
     from mmllm.training import align_output_projectors, load_model
+    from mmllm.training.config import mixed_precision
 
     if _stage_done(out, fingerprint):
         log(f"align: reusing {out / 'model'}")
         return json.loads((out / DONE).read_text())
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    log(f"align: caching signal states, then {settings.align_steps} output-projector steps into {out}")
+    autocast = mixed_precision(settings.precision)
+    log(f"align: caching signal states (autocast {autocast}), then {settings.align_steps} output-projector steps "
+        f"into {out}")
     model = load_model(str(stage2)).to(device)
     result = align_output_projectors(model, conversations=conversations, data_root=str(Path(conversations[0]).parent),
                                      steps=settings.align_steps, batch_size=settings.align_batch,
                                      lr=settings.align_lr, seed=settings.seed, progress=progress,
                                      max_examples=settings.align_examples, reinit=settings.align_reinit,
-                                     val_examples=settings.align_val_examples)
+                                     val_examples=settings.align_val_examples, precision=autocast)
     model.save_pretrained(out / "model")
     _relocatable(out / "model", tree=out.parent.parent)
     info = {"fingerprint": fingerprint, "seconds": result.seconds, "steps": result.steps,

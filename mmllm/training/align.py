@@ -10,7 +10,10 @@ of a pass through the LLM.
 The data are the same files and rows the trainer reads (conversations with ``<gen:MOD>``
 markers and ``outputs`` captions, or generation pairs), through the same ``ExampleBuilder``
 and ``Collator``, so the states are exactly those the model has at those positions when it
-generates in that format.
+generates in that format. With ``precision`` "bf16" (or "auto" where bf16 is native) the LLM
+pass runs under bf16 autocast, about 1.8x faster on a CPU with AVX512-BF16; its states then
+differ from the fp32 ones by about 1.5 % (cosine 0.9998 on the toy model). The conditioning
+targets and the projectors' training stay fp32.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .collate import Collator
+from .config import mixed_precision
 from .data import DataReport, ExampleBuilder, RowError, StreamingData, sources_from
 from .freeze import set_trainable
 
@@ -66,17 +70,19 @@ class AlignResult:
 
 def cache_signal_states(model, generation=None, conversations=None, data_root=None, batch_size: int = 16,
                         progress: bool = True, report: DataReport | None = None,
-                        max_examples: int | None = None) -> SignalCache:
+                        max_examples: int | None = None, precision: str = "fp32") -> SignalCache:
     """Run the (frozen) model over the rows and keep, for every signal sequence that has a
     caption, its last-layer states and the decoder's conditioning of that caption.
 
     ``max_examples``: stop reading once every output modality has that many sequences (the
-    LLM pass is the costly part; the projectors then train on the cache for many steps)."""
+    LLM pass is the costly part; the projectors then train on the cache for many steps).
+    ``precision``: one of ``TrainConfig``'s; "bf16", "fp16" or "auto" run the LLM pass under
+    that autocast (see the module docstring)."""
     report = report or DataReport()
     builder = ExampleBuilder(model, data_root)
     data = StreamingData(sources_from(generation=generation, conversations=conversations), builder, batch_size,
                          report, mix="mixed")
-    return _collect(model, data, report, progress, max_examples)
+    return _collect(model, data, report, progress, max_examples, precision)
 
 
 def signal_states_of_rows(model, rows: list[dict], kind: str = "conversation", batch_size: int = 16,
@@ -101,13 +107,16 @@ def signal_states_of_rows(model, rows: list[dict], kind: str = "conversation", b
 
 
 @torch.no_grad()
-def _collect(model, batches, report: DataReport, progress: bool, max_examples: int | None = None) -> SignalCache:
+def _collect(model, batches, report: DataReport, progress: bool, max_examples: int | None = None,
+             precision: str = "fp32") -> SignalCache:
     """States and targets of every captioned signal sequence in ``batches`` (lists of
     ``Example``), in order."""
     from tqdm.auto import tqdm
 
     collate = Collator(model, report)
     device = next(p for p in model.parameters()).device
+    autocast = mixed_precision(precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
     was_training = model.training
     model.eval()
     states: dict[str, list] = {}
@@ -119,8 +128,9 @@ def _collect(model, batches, report: DataReport, progress: bool, max_examples: i
             continue
         tb = tb.to(device)
         no_labels = torch.full_like(tb.input_ids, -100)  # states only: no logits over the vocabulary
-        out = model(tb.input_ids, tb.attention_mask, tb.media, tb.media_sample, no_labels, output_hidden_states=True,
-                    features=tb.features)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(tb.input_ids, tb.attention_mask, tb.media, tb.media_sample, no_labels,
+                        output_hidden_states=True, features=tb.features)
         found = model.signal_states(tb.input_ids, out.hidden_states)
         for m, index in tb.target_index.items():
             s, e = found[m]  # (n, k, D) each
@@ -143,7 +153,7 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
                             warmup_ratio: float = 0.03, seed: int = 0, cache_batch_size: int = 16,
                             progress: bool = True, max_examples: int | None = None,
                             reinit: bool = False, val_examples: int = 0,
-                            cache: SignalCache | None = None) -> AlignResult:
+                            cache: SignalCache | None = None, precision: str = "fp32") -> AlignResult:
     """Train the output projectors alone, on cached states (see the module docstring).
 
     Each step takes ``batch_size`` cached sequences of one modality (modalities in turn)
@@ -154,7 +164,8 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
     cache is small, and a projector that fits it can still miss new requests. ``cache``: a
     ``SignalCache`` of this model from ``cache_signal_states``, used instead of a new LLM pass
     (the data arguments and ``max_examples`` are then not read), so that runs with other
-    settings share one cache (``scripts/align_sweep.py``). Returns the losses (first and last
+    settings share one cache (``scripts/align_sweep.py``). ``precision``: the LLM pass's, as in
+    ``cache_signal_states``. Returns the losses (first and last
     tenth of the run), counts and timing.
     """
     from tqdm.auto import tqdm
@@ -167,7 +178,7 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
     set_trainable(model, "align_outputs")
     if cache is None:
         cache = cache_signal_states(model, generation, conversations, data_root, cache_batch_size, progress, report,
-                                    None if max_examples is None else max_examples + val_examples)
+                                    None if max_examples is None else max_examples + val_examples, precision)
     short = {m: n for m, n in cache.counts().items() if n <= val_examples}
     if short:
         raise ValueError(f"val_examples={val_examples} leaves nothing to train on for {short} cached sequences; "

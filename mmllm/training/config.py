@@ -98,9 +98,17 @@ class TrainConfig(JsonConfig):
     @property
     def mixed_precision(self) -> str:
         """The ``Accelerator(mixed_precision=...)`` value."""
-        if self.precision == "auto":
-            return "bf16" if native_bf16() else "no"
-        return "no" if self.precision in ("fp32", "no") else self.precision
+        return mixed_precision(self.precision)
+
+
+def mixed_precision(precision: str) -> str:
+    """A ``precision`` setting (one of ``PRECISIONS``) as accelerate names the autocast it
+    runs: "no", "bf16" or "fp16"; "auto" is "bf16" where ``native_bf16()`` holds."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; use one of {list(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16() else "no"
+    return "no" if precision in ("fp32", "no") else precision
 
 
 def native_bf16() -> bool:
