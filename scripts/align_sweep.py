@@ -6,7 +6,8 @@
 
 The LLM runs once over the requests and its states at every signal sequence are cached (the
 costly part: about 0.1 s a request on 2 CPU cores in fp32, about half that with ``--precision
-bf16`` on a CPU with AVX512-BF16; ``--cache-file`` keeps them for the next call). Each variant ``TRAIN:STEPS[:BATCH[:LR]]`` then fits fresh output projectors, as the
+bf16`` on a CPU with AVX512-BF16; ``--cache-file`` keeps them for the next call). Each variant
+``TRAIN:STEPS[:BATCH[:LR]]`` then fits fresh output projectors, as the
 build's align step does (``align_output_projectors(reinit=True)``), on the first TRAIN cached
 sequences per modality, and scores them on the same last ``--val`` ones (held-back L2).
 Prints a Markdown table. docs/RESULTS.md ("The quick build") has a run.

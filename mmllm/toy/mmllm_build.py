@@ -119,7 +119,7 @@ class DefaultSettings:
     # Both stages' precision and the align step's LLM pass (TrainConfig.precision): "bf16" is
     # mixed precision (fp32 weights, bf16 matmuls under autocast), "auto" bf16 where the
     # machine computes it natively. The default build was measured in fp32; the quick one uses
-    # "auto" (its stages 1.16-1.33x and the align cache pass 1.8x faster on the 2-core CPU,
+    # "auto" (its stages 1.16-1.33x and the align cache pass 1.7-1.8x faster on the 2-core CPU,
     # docs/RESULTS.md "Mixed precision on the CPU").
     precision: str = "fp32"
     save_every: int = 10  # checkpoints, for resuming an interrupted stage
@@ -140,7 +140,7 @@ class DefaultSettings:
         request costs 130 s more (docs/RESULTS.md, "The quick build"). Its stages and the align
         step's LLM pass run in bf16 mixed precision where the machine has it natively
         (``precision="auto"``). Stage 2 at 300 or 360 steps read images no better in single
-        rebuilds and took the build to 29.7 minutes (docs/RESULTS.md, "Longer quick stage 2")."""
+        rebuilds and took the build to 29.7 minutes (docs/RESULTS.md, "A longer quick stage 2")."""
         return cls(stage1_steps=30, stage2_steps=240, align_steps=4000, align_examples=400, precision="auto")
 
     @classmethod

@@ -11,7 +11,7 @@ The data are the same files and rows the trainer reads (conversations with ``<ge
 markers and ``outputs`` captions, or generation pairs), through the same ``ExampleBuilder``
 and ``Collator``, so the states are exactly those the model has at those positions when it
 generates in that format. With ``precision`` "bf16" (or "auto" where bf16 is native) the LLM
-pass runs under bf16 autocast, about 1.8x faster on a CPU with AVX512-BF16; its states then
+pass runs under bf16 autocast, about 1.7-1.8x faster on a CPU with AVX512-BF16; its states then
 differ from the fp32 ones by about 1.5 % (cosine 0.9998 on the toy model). The conditioning
 targets and the projectors' training stay fp32.
 """
