@@ -54,8 +54,9 @@ def main(argv=None) -> None:
     parser.add_argument("--stage2-mix", choices=MIXES, default=None,
                         help="how stage 2's files share batches (default alternate; TrainConfig.mix)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
-                        help="both stages' precision (default fp32, --quick auto): bf16 mixed precision, "
-                             "or auto, bf16 where this machine computes it natively (DefaultSettings.precision)")
+                        help="precision of both stages and of the align step's LLM pass (default fp32, --quick "
+                             "auto): bf16 mixed precision, or auto, bf16 where this machine computes it natively "
+                             "(DefaultSettings.precision)")
     parser.add_argument("--set", dest="overrides", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                         help="model-config override, dotted, value as JSON (repeatable), e.g. "
                              "'inputs.video.projector.options={\"num_tokens\":4,\"per_token\":true}'; "

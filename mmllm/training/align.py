@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mmllm.llm import resolve_dtype
+
 from .collate import Collator
 from .config import mixed_precision
 from .data import DataReport, ExampleBuilder, RowError, StreamingData, sources_from
@@ -116,7 +118,7 @@ def _collect(model, batches, report: DataReport, progress: bool, max_examples: i
     collate = Collator(model, report)
     device = next(p for p in model.parameters()).device
     autocast = mixed_precision(precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
+    dtype = None if autocast == "no" else resolve_dtype(autocast)
     was_training = model.training
     model.eval()
     states: dict[str, list] = {}
