@@ -241,6 +241,34 @@ def test_spread_mix_spreads_every_source_over_the_epoch(tmp_path):
         TrainConfig(mix="shuffled")
 
 
+def test_file_passes_weight_the_spread_mix(tmp_path):
+    files = []
+    for name, rows in (("hard", 8), ("easy", 16), ("gen", 12)):  # 2, 4 and 3 batches of 4 per pass
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps({"n": 1 + i % 5}) + "\n" for i in range(rows)))
+
+    def rows(passes, mix="spread"):
+        stream = StreamingData(sources_from(captions=[str(f) for f in files[:2]], generation=str(files[2]),
+                                            passes=passes), LengthOnly(), 4, DataReport(), mix=mix)
+        return [[(Path(e.source).stem, e.row) for e in b] for b in stream]
+
+    assert rows(None) == rows([1, 1, 1])
+    got = rows([3, 0.5, 0])  # the hard file three times, the first half of the easy one, no generation
+    flat = [r for b in got for r in b]
+    assert sorted(flat) == sorted([("hard", r) for r in range(1, 9)] * 3 + [("easy", r) for r in range(1, 9)])
+    assert [r for r in flat if r[0] == "hard"] == [("hard", r) for r in range(1, 9)] * 3  # whole passes, in order
+    names = [b[0][0] for b in got]
+    assert names.count("hard") == 6 and names.count("easy") == 2
+    assert names.index("easy") in (1, 2, 3) and names[::-1].index("easy") in (1, 2, 3)  # spread, not at one end
+    assert sum(len(b) for b in rows([1.5, 1, 1], mix="alternate")) == 12 + 16 + 12
+    with pytest.raises(ValueError, match="2 value.*3 data file.*one per file"):
+        sources_from(captions=[str(f) for f in files[:2]], generation=str(files[2]), passes=[1, 2])
+    with pytest.raises(ValueError, match="passes=-1"):
+        sources_from(captions=str(files[0]), passes=[-1])
+    cfg = TrainConfig(captions=str(files[0]), file_passes=[2])
+    assert TrainConfig.from_dict(cfg.to_dict()).file_passes == [2]
+
+
 def test_feature_cache_matches_live_encoders(base_model, data, tmp_path, fresh):
     model = fresh(base_model)
     cfg = TrainConfig(captions=data["captions"], generation=data["generation"], conversations=data["conversations"])

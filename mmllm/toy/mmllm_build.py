@@ -49,7 +49,8 @@ HINT = ("the toy default is not built; run `python scripts/build_default.py` (~1
 
 
 # Settings added after the shipped default was built, with their off values.
-LATER_SETTINGS = {"brief_requests": {}, "stage2_group_by_length": 0, "stage2_mix": "alternate", "precision": "fp32"}
+LATER_SETTINGS = {"brief_requests": {}, "stage2_group_by_length": 0, "stage2_mix": "alternate", "precision": "fp32",
+                  "stage1_mix": "alternate", "stage1_passes": {}}
 
 
 @dataclass
@@ -84,6 +85,14 @@ class DefaultSettings:
     stage1_steps: int = 120
     stage1_batch: int = 16
     stage1_lr: float = 1e-2
+    # How stage 1's four files (image, audio and video captions, generation pairs) share its
+    # batches (TrainConfig.mix), and how often an epoch reads each (TrainConfig.file_passes,
+    # keyed "image", "audio", "video", "generation"; a missing key is one pass). The projector
+    # alone reads image colour only after about 120 batches of 16 image captions (80: 0.29,
+    # 120: 0.90), which the default's 120 alternating steps (30 image batches) never give it;
+    # the quick build weights its stage 1 towards images (docs/RESULTS.md, "An image-heavy stage 1").
+    stage1_mix: str = "alternate"
+    stage1_passes: dict = field(default_factory=dict)
     stage2_steps: int = 1300  # about one pass over the stage-2 files
     stage2_batch: int = 8
     # Stage-2 batches of similar length (TrainConfig.group_by_length): windows of 8 batches
@@ -141,7 +150,9 @@ class DefaultSettings:
         step's LLM pass run in bf16 mixed precision where the machine has it natively
         (``precision="auto"``). Stage 2 at 300 or 360 steps read images no better in single
         rebuilds and took the build to 29.7 minutes (docs/RESULTS.md, "A longer quick stage 2")."""
-        return cls(stage1_steps=30, stage2_steps=240, align_steps=4000, align_examples=400, precision="auto")
+        return cls(stage1_steps=176, stage1_mix="spread",
+                   stage1_passes={"image": 2, "audio": 0.25, "video": 0.25, "generation": 0.1},
+                   stage2_steps=180, align_steps=4000, align_examples=400, precision="auto")
 
     @classmethod
     def smoke(cls) -> "DefaultSettings":
@@ -161,7 +172,8 @@ class DefaultSettings:
         """What a stage's result depends on: its settings, the data, the components it reads
         (``components.TRAINING_INPUTS``: their ``toy_component.json`` build ids) and the model
         config. Retraining a decoder's UNet therefore keeps the stages."""
-        s1 = ("items", "dialogues", "qa_turns", "stage1_steps", "stage1_batch", "stage1_lr", "precision", "seed")
+        s1 = ("items", "dialogues", "qa_turns", "stage1_steps", "stage1_batch", "stage1_lr", "stage1_mix",
+              "stage1_passes", "precision", "seed")
         s2 = (*s1, "describe_share", "focus_questions", "brief_requests", "stage2_steps", "stage2_batch",
               "stage2_group_by_length", "stage2_mix", "stage2_lr", "stage2_projector_lr", "lora")
         keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr", "align_examples",
@@ -383,6 +395,16 @@ def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[st
     return info
 
 
+def _stage1_passes(settings: DefaultSettings) -> Optional[list[float]]:
+    """``TrainConfig.file_passes`` for stage 1's files (``_stage_files``: one caption file per
+    modality, then the generation file) from ``settings.stage1_passes``; None: once each."""
+    names = (*world.MODALITIES, "generation")
+    unknown = set(settings.stage1_passes) - set(names)
+    if unknown:
+        raise ValueError(f"DefaultSettings.stage1_passes: unknown file(s) {sorted(unknown)}; use {list(names)}")
+    return [float(settings.stage1_passes.get(n, 1)) for n in names] if settings.stage1_passes else None
+
+
 def _train_config(**kwargs):
     from mmllm.training import TrainConfig
 
@@ -438,13 +460,15 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
     def model_for_stage1():
         return MMLLM.from_config(toy_config(root, **(config_overrides or {})), device=device)
 
+    stage1_passes = _stage1_passes(settings)
     t = time.time()
     info1 = _run_stage(
         "stage 1", s1, fp1,
         lambda resume: _train_config(stage="stage1", model="toy", out=str(s1), captions=files["captions"],
                                      generation=files["generation"], steps=settings.stage1_steps,
                                      batch_size=settings.stage1_batch, lr=settings.stage1_lr,
-                                     resume=resume, **common),
+                                     file_passes=stage1_passes, resume=resume,
+                                     **{**common, "mix": settings.stage1_mix}),
         model_for_stage1, log)
     timings["stage1"] = round(time.time() - t, 1)
 

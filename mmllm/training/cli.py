@@ -51,6 +51,9 @@ def build_parser(description: str, stages: tuple[str, ...]) -> argparse.Argument
     p.add_argument("--strict", action="store_true", default=None, help="fail at the first bad data row (with its row number)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute LLM activations in backward")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide the tqdm bar")
+    p.add_argument("--file-passes", type=float, nargs="+", default=None, metavar="N",
+                   help="passes per epoch over each data file, in the order captions, generation, conversations "
+                        "(2: twice, 0.5: the first half; with --mix spread, each file's share of the batches)")
     p.add_argument("--l2-scale", type=str, default=None, help='per-modality L2 weight as JSON, e.g. \'{"video": 2}\'')
     return p
 
@@ -64,6 +67,8 @@ def config_from_args(args: argparse.Namespace, stage: str | None = None) -> Trai
     for name in ("strict", "gradient_checkpointing", "progress"):
         if getattr(args, name, None) is not None:
             data[name] = getattr(args, name)
+    if args.file_passes is not None:
+        data["file_passes"] = args.file_passes
     if args.l2_scale:
         data["l2_scale"] = {**data.get("l2_scale", TrainConfig().l2_scale), **json.loads(args.l2_scale)}
     if getattr(args, "stage", None):

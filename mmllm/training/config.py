@@ -36,6 +36,10 @@ class TrainConfig(JsonConfig):
     mix: ``mixed`` batches (sources interleaved row by row), ``alternate`` (whole batches, one
         source after another until each runs out, so the largest source ends the epoch alone)
         or ``spread`` (whole batches, each source's spread evenly over the epoch: all end together).
+    file_passes: how many times an epoch reads each data file, one number per file in the order
+        captions, generation, conversations (None: once each). 2 reads a file twice, 0.25 its
+        first quarter, 0 not at all; with ``mix="spread"`` this weights each file's share of the
+        batches (LLaVA-style data mixing: up-weight a small or hard source).
     group_by_length: LLaVA-style length grouping: each window of this many batches' examples
         is sorted by token length before it is cut into batches, which run in a seeded random
         order; less padding, same examples per epoch. 0: batches in stream order.
@@ -69,6 +73,7 @@ class TrainConfig(JsonConfig):
     l2_scale: dict = field(default_factory=lambda: {"image": 1.0, "audio": 1.0, "video": 1.0})
     mix: str = "mixed"
     shuffle_buffer: int = 0
+    file_passes: Optional[list] = None
     group_by_length: int = 0
     lora: Optional[LoraConfig] = None
     save_every: int = 0

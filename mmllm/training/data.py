@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -354,22 +355,35 @@ def conversation_labels(processor, messages: list[dict]) -> tuple[list[int], lis
 
 @dataclass
 class Source:
+    """One data file. ``passes``: how many times an epoch reads it (2: twice; 0.25: its first
+    quarter; 0: not at all), which with ``mix="spread"`` also sets its share of the batches."""
+
     path: str
     kind: str
+    passes: float = 1.0
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"source kind {self.kind!r}; use one of {KINDS}")
+        if not (self.passes >= 0 and math.isfinite(self.passes)):
+            raise ValueError(f"data file {self.path!r}: passes={self.passes}; use a number >= 0 (1: once per epoch)")
 
 
-def sources_from(captions=None, generation=None, conversations=None) -> list[Source]:
-    out = []
+def sources_from(captions=None, generation=None, conversations=None, passes=None) -> list[Source]:
+    """The data files as sources, in the order captions, generation, conversations; ``passes``
+    (one number per file, in that order) sets how often an epoch reads each (``Source``)."""
+    files = []
     for kind, value in (("caption", captions), ("generation", generation), ("conversation", conversations)):
-        for p in ([value] if isinstance(value, (str, os.PathLike)) else (value or [])):
-            out.append(Source(str(p), kind))
-    if not out:
+        files += [(str(p), kind) for p in ([value] if isinstance(value, (str, os.PathLike)) else (value or []))]
+    if not files:
         raise ValueError("no training data: give captions, generation and/or conversations files")
-    return out
+    if passes is None:
+        passes = [1.0] * len(files)
+    if len(passes) != len(files):
+        named = ", ".join(f"{kind} {Path(path).name}" for path, kind in files)
+        raise ValueError(f"file_passes has {len(passes)} value(s) for {len(files)} data file(s) ({named}): "
+                         "give one per file, in that order")
+    return [Source(path, kind, float(n)) for (path, kind), n in zip(files, passes)]
 
 
 class StreamingData(IterableDataset):
@@ -378,7 +392,8 @@ class StreamingData(IterableDataset):
     ``mix="mixed"`` interleaves the sources row by row, ``"alternate"`` batch by batch in
     turn (a source that runs out drops out, so the largest one ends the epoch alone), and
     ``"spread"`` batch by batch in proportion to each source's rows, so that every source is
-    spread evenly over the epoch and all end together. With
+    spread evenly over the epoch and all end together. A source's ``passes`` sets how much of
+    it an epoch reads (``Source``), so with ``"spread"`` it weights the mix. With
     ``shuffle_buffer > 0`` examples pass through a seeded shuffle buffer (same order for the
     same seed and epoch). With ``group_by_length > 0`` each window of that many batches is
     sorted by token count before it is cut, and its batches run in a seeded random order
@@ -396,12 +411,28 @@ class StreamingData(IterableDataset):
         self.epoch, self.skip = 0, 0
         self._rows = None  # rows per source (a list), counted once for mix="spread"
 
-    def _examples(self, source: Source) -> Iterator[Example]:
-        for n, row in iter_rows(source.path):
-            try:
-                yield self.builder.build(source.kind, row, source.path, n)
-            except RowError as err:
-                self.report.bad(source.path, n, str(err))
+    def _row_counts(self) -> list[int]:
+        if self._rows is None:  # counted once, not every epoch
+            self._rows = [sum(1 for _ in iter_rows(s.path)) for s in self.sources]
+        return self._rows
+
+    def _examples(self, i: int) -> Iterator[Example]:
+        """Source ``i``'s examples for one epoch: whole passes over its file, then the first
+        rows of one more for a fractional ``passes``."""
+        source = self.sources[i]
+        left = round(self._row_counts()[i] * source.passes) if source.passes != 1 else None
+        while left is None or left > 0:
+            for n, row in iter_rows(source.path):
+                if left is not None:
+                    if left <= 0:
+                        return
+                    left -= 1
+                try:
+                    yield self.builder.build(source.kind, row, source.path, n)
+                except RowError as err:
+                    self.report.bad(source.path, n, str(err))
+            if left is None:
+                return
 
     def _shuffled(self, it: Iterator[Example], rng: random.Random) -> Iterator[Example]:
         if self.shuffle_buffer <= 0:
@@ -417,13 +448,12 @@ class StreamingData(IterableDataset):
 
     def _batches(self) -> Iterator[list[Example]]:
         rng = random.Random(self.seed * 100003 + self.epoch)
-        streams = [self._shuffled(self._examples(s), rng) for s in self.sources]
+        streams = [self._shuffled(self._examples(i), rng) for i in range(len(self.sources))]
         if self.mix == "mixed":
             yield from self._cut(_round_robin(streams), rng)
         elif self.mix == "spread":
-            if self._rows is None:  # counted once, not every epoch
-                self._rows = [sum(1 for _ in iter_rows(s.path)) for s in self.sources]
-            yield from _spread([self._cut(s, rng) for s in streams], [n / self.batch_size for n in self._rows])
+            lengths = [n * s.passes / self.batch_size for n, s in zip(self._row_counts(), self.sources)]
+            yield from _spread([self._cut(s, rng) for s in streams], lengths)
         else:
             yield from _round_robin([self._cut(s, rng) for s in streams])
 

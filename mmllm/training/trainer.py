@@ -158,7 +158,7 @@ class Trainer:
     def _data(self):
         cfg = self.cfg
         builder = ExampleBuilder(self.model, cfg.data_root)
-        sources = sources_from(cfg.captions, cfg.generation, cfg.conversations)
+        sources = sources_from(cfg.captions, cfg.generation, cfg.conversations, cfg.file_passes)
         data = StreamingData(sources, builder, cfg.batch_size, self.report, cfg.mix, cfg.shuffle_buffer, cfg.seed,
                              self.acc.process_index, self.acc.num_processes, group_by_length=cfg.group_by_length)
         cache = FeatureCache(cfg.feature_cache, self.model) if cfg.feature_cache else None
