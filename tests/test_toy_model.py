@@ -3,6 +3,7 @@ metric of scripts/evaluate.py on scripted models, and the default-model selectio
 
 import json
 import logging
+import math
 
 import pytest
 
@@ -133,6 +134,21 @@ def test_later_settings_change_the_fingerprint_only_when_on():
         assert changed.stage_fingerprint("stage1", comps) == base.stage_fingerprint("stage1", comps)
         for stage in ("stage2", "align"):
             assert changed.stage_fingerprint(stage, comps) != base.stage_fingerprint(stage, comps)
+    for changed in (DefaultSettings(stage1_mix="spread"), DefaultSettings(stage1_passes={"image": 2})):
+        assert all(changed.stage_fingerprint(s, comps) != base.stage_fingerprint(s, comps)
+                   for s in ("stage1", "stage2", "align"))
+
+
+def test_stage1_passes_name_the_build_files():
+    """``stage1_passes`` becomes one ``file_passes`` entry per stage-1 file (the caption files
+    in world.MODALITIES order, then generation); an unknown name is refused."""
+    from mmllm.toy.mmllm_build import _stage1_passes
+
+    assert _stage1_passes(DefaultSettings()) is None
+    assert _stage1_passes(DefaultSettings(stage1_passes={"image": 2, "generation": 0.1})) == [2.0, 1.0, 1.0, 0.1]
+    assert world.MODALITIES == ("image", "audio", "video")
+    with pytest.raises(ValueError, match=r"unknown file\(s\) \['images'\]"):
+        _stage1_passes(DefaultSettings(stage1_passes={"images": 2}))
 
 
 def test_a_retrained_decoder_keeps_the_stages_and_is_recorded(tmp_path):
@@ -568,7 +584,8 @@ def test_default_names_colour_and_shape_of_a_toy_image(colour, shape):
 def test_quick_build_is_the_default_recipe_with_fewer_steps(monkeypatch, tmp_path, load_script):
     """`build_default.py --quick` (the under-30-minute CPU build) trains the default recipe,
     only shorter: every changed setting is a step or example count, and each is smaller, except
-    the precision (bf16 where the machine has it natively)."""
+    the precision (bf16 where the machine has it natively) and stage 1, which is one epoch
+    weighted towards image captions (so longer than the default's)."""
     import dataclasses
 
     from mmllm.toy.components import BuildSettings
@@ -582,10 +599,17 @@ def test_quick_build_is_the_default_recipe_with_fewer_steps(monkeypatch, tmp_pat
     assert kw["component_settings"] == BuildSettings.quick()
 
     quick, full = dataclasses.asdict(DefaultSettings.quick()), dataclasses.asdict(DefaultSettings())
-    changed = {k for k in full if quick[k] != full[k]} - {"precision"}
-    assert changed == {"stage1_steps", "stage2_steps", "align_steps", "align_examples"}
+    changed = {k for k in full if quick[k] != full[k]} - {"precision", "stage1_mix", "stage1_passes", "stage1_steps"}
+    assert changed == {"stage2_steps", "align_steps", "align_examples"}
     assert (quick["precision"], full["precision"]) == ("auto", "fp32")
     assert all(quick[k] < full[k] for k in changed - {"align_examples"}) and quick["align_examples"] > 0
+    # Stage 1 is one epoch of its weighted files: 125 batches of 16 image captions (two passes
+    # over 1000), 16 each of audio and video, 19 of generation pairs.
+    assert quick["stage1_mix"] == "spread" and quick["stage1_passes"]["image"] == 2
+    items, batch = quick["items"], quick["stage1_batch"]
+    per_file = [items * quick["stage1_passes"][m] for m in ("image", "audio", "video")]
+    per_file.append(3 * items * quick["stage1_passes"]["generation"])  # 1000 requests per output modality
+    assert quick["stage1_steps"] == sum(math.ceil(n / batch) for n in per_file) == 176
     quick, full = BuildSettings.quick(), BuildSettings()
     assert dataclasses.replace(quick, steps=full.steps) == full
     assert all(0 < quick.steps[k] < full.steps[k] for k in full.steps)

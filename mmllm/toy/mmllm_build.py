@@ -152,7 +152,8 @@ class DefaultSettings:
         rebuilds and took the build to 29.7 minutes (docs/RESULTS.md, "A longer quick stage 2")."""
         return cls(stage1_steps=176, stage1_mix="spread",
                    stage1_passes={"image": 2, "audio": 0.25, "video": 0.25, "generation": 0.1},
-                   stage2_steps=180, align_steps=4000, align_examples=400, precision="auto")
+                   stage2_steps=240, stage2_group_by_length=8, align_steps=4000, align_examples=400,
+                   precision="auto")
 
     @classmethod
     def smoke(cls) -> "DefaultSettings":
