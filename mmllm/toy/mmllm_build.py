@@ -150,10 +150,7 @@ class DefaultSettings:
         step's LLM pass run in bf16 mixed precision where the machine has it natively
         (``precision="auto"``). Stage 2 at 300 or 360 steps read images no better in single
         rebuilds and took the build to 29.7 minutes (docs/RESULTS.md, "A longer quick stage 2")."""
-        return cls(stage1_steps=176, stage1_mix="spread",
-                   stage1_passes={"image": 2, "audio": 0.25, "video": 0.25, "generation": 0.1},
-                   stage2_steps=240, stage2_group_by_length=8, align_steps=4000, align_examples=400,
-                   precision="auto")
+        return cls(stage1_steps=30, stage2_steps=240, align_steps=4000, align_examples=400, precision="auto")
 
     @classmethod
     def smoke(cls) -> "DefaultSettings":
