@@ -17,6 +17,7 @@ See mmllm.toy.mmllm_build and docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from mmllm.toy.mmllm_build import DefaultSettings, build_default
 from mmllm.training.config import MIXES
 
 TUNABLE = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps", "stage2_batch",
-           "stage2_lr", "stage2_projector_lr", "align_steps", "align_lr", "align_examples", "seed")
+           "stage2_lr", "stage2_projector_lr", "stage2_group_by_length", "align_steps", "align_lr", "align_examples",
+           "seed")
 
 
 def _setting(text: str) -> tuple:
@@ -53,6 +55,11 @@ def main(argv=None) -> None:
                              "always train on the train split), see docs/TOY.md")
     parser.add_argument("--stage2-mix", choices=MIXES, default=None,
                         help="how stage 2's files share batches (default alternate; TrainConfig.mix)")
+    parser.add_argument("--stage1-mix", choices=MIXES, default=None,
+                        help="how stage 1's files share batches (default alternate; TrainConfig.mix)")
+    parser.add_argument("--stage1-passes", type=json.loads, default=None, metavar="JSON",
+                        help='passes per epoch over stage 1\'s files, e.g. \'{"image": 2, "generation": 0.1}\' '
+                             "(keys image, audio, video, generation; default one each; TrainConfig.file_passes)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                         help="precision of both stages and of the align step's LLM pass (default fp32, --quick "
                              "auto): bf16 mixed precision, or auto, bf16 where this machine computes it natively "
@@ -85,6 +92,10 @@ def main(argv=None) -> None:
             setattr(settings, name, value)
     if args.stage2_mix:
         settings.stage2_mix = args.stage2_mix
+    if args.stage1_mix:
+        settings.stage1_mix = args.stage1_mix
+    if args.stage1_passes is not None:
+        settings.stage1_passes = args.stage1_passes
     if args.precision:
         settings.precision = args.precision
     components = getattr(BuildSettings, profile)() if profile else BuildSettings()

@@ -261,6 +261,7 @@ def test_file_passes_weight_the_spread_mix(tmp_path):
     assert names.count("hard") == 6 and names.count("easy") == 2
     assert names.index("easy") in (1, 2, 3) and names[::-1].index("easy") in (1, 2, 3)  # spread, not at one end
     assert sum(len(b) for b in rows([1.5, 1, 1], mix="alternate")) == 12 + 16 + 12
+    assert [b[0][0] for b in rows([2, 0.25, 1], mix="sequential")] == ["hard"] * 4 + ["easy"] + ["gen"] * 3
     with pytest.raises(ValueError, match="2 value.*3 data file.*one per file"):
         sources_from(captions=[str(f) for f in files[:2]], generation=str(files[2]), passes=[1, 2])
     with pytest.raises(ValueError, match="passes=-1"):

@@ -87,10 +87,11 @@ class DefaultSettings:
     stage1_lr: float = 1e-2
     # How stage 1's four files (image, audio and video captions, generation pairs) share its
     # batches (TrainConfig.mix), and how often an epoch reads each (TrainConfig.file_passes,
-    # keyed "image", "audio", "video", "generation"; a missing key is one pass). The projector
-    # alone reads image colour only after about 120 batches of 16 image captions (80: 0.29,
-    # 120: 0.90), which the default's 120 alternating steps (30 image batches) never give it;
-    # the quick build weights its stage 1 towards images (docs/RESULTS.md, "An image-heavy stage 1").
+    # keyed "image", "audio", "video", "generation"; a missing key is one pass). The image
+    # projector alone reads colour only after about 120 batches of 16 image captions (80: 0.29,
+    # 120: 0.90), more than the default's 120 alternating steps (30 image batches) give it, but
+    # quick builds with an image-heavy stage 1 ("spread", images twice) read images no better
+    # after stage 2 (docs/RESULTS.md, "An image-heavy stage 1"). Off: one pass each, alternating.
     stage1_mix: str = "alternate"
     stage1_passes: dict = field(default_factory=dict)
     stage2_steps: int = 1300  # about one pass over the stage-2 files

@@ -10,7 +10,7 @@ from mmllm.config import JsonConfig, LoraConfig
 STAGES = ("stage1_enc", "stage1_dec", "stage1", "stage2", "align_outputs")
 PRECISIONS = ("fp32", "no", "bf16", "fp16", "auto")
 NAN_POLICIES = ("skip", "stop")
-MIXES = ("mixed", "alternate", "spread")
+MIXES = ("mixed", "alternate", "spread", "sequential")
 
 
 @dataclass
@@ -35,7 +35,8 @@ class TrainConfig(JsonConfig):
     l2_scale: per-modality weight of the L2 loss to the decoder's text conditioning.
     mix: ``mixed`` batches (sources interleaved row by row), ``alternate`` (whole batches, one
         source after another until each runs out, so the largest source ends the epoch alone)
-        or ``spread`` (whole batches, each source's spread evenly over the epoch: all end together).
+        or ``spread`` (whole batches, each source's spread evenly over the epoch: all end together),
+        or ``sequential`` (each file's batches in turn, in the order given: a curriculum).
     file_passes: how many times an epoch reads each data file, one number per file in the order
         captions, generation, conversations (None: once each). 2 reads a file twice, 0.25 its
         first quarter, 0 not at all; with ``mix="spread"`` this weights each file's share of the

@@ -390,10 +390,12 @@ class StreamingData(IterableDataset):
     """Batches (lists of ``Example``) for one process, streamed from the sources.
 
     ``mix="mixed"`` interleaves the sources row by row, ``"alternate"`` batch by batch in
-    turn (a source that runs out drops out, so the largest one ends the epoch alone), and
+    turn (a source that runs out drops out, so the largest one ends the epoch alone),
     ``"spread"`` batch by batch in proportion to each source's rows, so that every source is
-    spread evenly over the epoch and all end together. A source's ``passes`` sets how much of
-    it an epoch reads (``Source``), so with ``"spread"`` it weights the mix. With
+    spread evenly over the epoch and all end together, and ``"sequential"`` runs each
+    source's batches in turn, in the order given (a curriculum: the first file at the highest
+    rates). A source's ``passes`` sets how much of it an epoch reads (``Source``), so with
+    ``"spread"`` it weights the mix. With
     ``shuffle_buffer > 0`` examples pass through a seeded shuffle buffer (same order for the
     same seed and epoch). With ``group_by_length > 0`` each window of that many batches is
     sorted by token count before it is cut, and its batches run in a seeded random order
@@ -454,6 +456,9 @@ class StreamingData(IterableDataset):
         elif self.mix == "spread":
             lengths = [n * s.passes / self.batch_size for n, s in zip(self._row_counts(), self.sources)]
             yield from _spread([self._cut(s, rng) for s in streams], lengths)
+        elif self.mix == "sequential":
+            for s in streams:
+                yield from self._cut(s, rng)
         else:
             yield from _round_robin([self._cut(s, rng) for s in streams])
 
