@@ -89,9 +89,10 @@ class DefaultSettings:
     # batches (TrainConfig.mix), and how often an epoch reads each (TrainConfig.file_passes,
     # keyed "image", "audio", "video", "generation"; a missing key is one pass). The image
     # projector alone reads colour only after about 120 batches of 16 image captions (80: 0.29,
-    # 120: 0.90), more than the default's 120 alternating steps (30 image batches) give it, but
-    # quick builds with an image-heavy stage 1 ("spread", images twice) read images no better
-    # after stage 2 (docs/RESULTS.md, "An image-heavy stage 1"). Off: one pass each, alternating.
+    # 120: 0.90), more than the default's 120 alternating steps (30 image batches) give it.
+    # A quick build with images read twice and first ("sequential") named 10 of 24 newcomer
+    # pairs (5 without) in 28.5 minutes, measured once (docs/RESULTS.md, "An image-heavy
+    # stage 1"). Off: one pass each, alternating.
     stage1_mix: str = "alternate"
     stage1_passes: dict = field(default_factory=dict)
     stage2_steps: int = 1300  # about one pass over the stage-2 files

@@ -33,7 +33,7 @@ FLAGS = {
     "--log-every": ("log_every", int, "TensorBoard scalars every N steps"),
     "--resume": ("resume", str, "checkpoint dir to resume from, or 'latest'"),
     "--nan-policy": ("nan_policy", str, "skip | stop on a NaN/Inf loss"),
-    "--mix": ("mix", str, "mixed | alternate | spread: how several data files share batches"),
+    "--mix": ("mix", str, "mixed | alternate | spread | sequential: how several data files share batches"),
     "--shuffle-buffer": ("shuffle_buffer", int, "streaming shuffle buffer size (0: file order)"),
     "--group-by-length": ("group_by_length", int, "batch similar lengths together within windows of N batches (0: off)"),
     "--feature-cache": ("feature_cache", str, "dir written by scripts/cache_features.py"),
