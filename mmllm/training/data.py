@@ -25,6 +25,7 @@ Row formats (media paths relative to the data root):
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -422,19 +423,16 @@ class StreamingData(IterableDataset):
         """Source ``i``'s examples for one epoch: whole passes over its file, then the first
         rows of one more for a fractional ``passes``."""
         source = self.sources[i]
-        left = round(self._row_counts()[i] * source.passes) if source.passes != 1 else None
-        while left is None or left > 0:
-            for n, row in iter_rows(source.path):
-                if left is not None:
-                    if left <= 0:
-                        return
-                    left -= 1
-                try:
-                    yield self.builder.build(source.kind, row, source.path, n)
-                except RowError as err:
-                    self.report.bad(source.path, n, str(err))
-            if left is None:
-                return
+        rows = iter_rows(source.path)
+        if source.passes != 1:
+            quota = round(self._row_counts()[i] * source.passes)  # 0 for an empty file: no endless passes
+            passes = itertools.chain.from_iterable(iter_rows(source.path) for _ in itertools.count())
+            rows = itertools.islice(passes, quota)
+        for n, row in rows:
+            try:
+                yield self.builder.build(source.kind, row, source.path, n)
+            except RowError as err:
+                self.report.bad(source.path, n, str(err))
 
     def _shuffled(self, it: Iterator[Example], rng: random.Random) -> Iterator[Example]:
         if self.shuffle_buffer <= 0:
