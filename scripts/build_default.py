@@ -44,8 +44,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     parser.add_argument("--fast", action="store_true", help="2 steps of everything, tiny data (tests)")
     parser.add_argument("--quick", action="store_true",
-                        help="about a fifth of the training: under 30 minutes from nothing on 2 CPU cores, "
-                             "a weaker model (docs/RESULTS.md, 'The quick build')")
+                        help="a fifth of stage 2 after an image-first stage 1: under 30 minutes from nothing on "
+                             "2 CPU cores, a weaker model (docs/RESULTS.md, 'The quick build'; "
+                             "DefaultSettings.quick)")
     parser.add_argument("--smoke", action="store_true",
                         help="enough steps of everything for each loss to fall, in about a minute")
     parser.add_argument("--force", action="store_true", help="retrain both stages")
@@ -75,7 +76,8 @@ def main(argv=None) -> None:
     for name in TUNABLE:
         tp = float if "lr" in name else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=tp, default=None,
-                            help=f"default {getattr(defaults, name)}")
+                            help=f"default {getattr(defaults, name)}"
+                                 + ("; 0: one epoch" if name in ("stage1_steps", "stage2_steps") else ""))
     args = parser.parse_args(argv)
     if args.threads:
         import torch

@@ -593,13 +593,15 @@ def test_build_script_sets_the_stage_mixes(monkeypatch, tmp_path, load_script):
     assert (settings.stage1_steps, settings.stage2_group_by_length, settings.stage2_steps) == (176, 8, 240)
 
 
-def test_quick_build_is_the_default_recipe_with_fewer_steps(monkeypatch, tmp_path, load_script):
-    """`build_default.py --quick` (the under-30-minute CPU build) trains the default recipe,
-    only shorter: every changed setting is a step or example count, and each is smaller, except
-    the precision (bf16 where the machine has it natively)."""
+def test_quick_build_is_the_default_recipe_shorter_with_images_first(monkeypatch, tmp_path, load_script):
+    """`build_default.py --quick` (the under-30-minute CPU build) trains the default recipe
+    with fewer stage-2 and align steps and align examples, bf16 where the machine has it
+    natively, and one epoch of stage 1 that reads the image captions twice and first and the
+    other files in part (docs/RESULTS.md, "The image-first stage 1, adopted for `--quick`")."""
     import dataclasses
 
     from mmllm.toy.components import BuildSettings
+    from mmllm.toy.mmllm_build import _stage1_passes
 
     script = load_script("build_default")
     calls = []
@@ -611,9 +613,13 @@ def test_quick_build_is_the_default_recipe_with_fewer_steps(monkeypatch, tmp_pat
 
     quick, full = dataclasses.asdict(DefaultSettings.quick()), dataclasses.asdict(DefaultSettings())
     changed = {k for k in full if quick[k] != full[k]} - {"precision"}
-    assert changed == {"stage1_steps", "stage2_steps", "align_steps", "align_examples"}
+    stage1 = {"stage1_steps", "stage1_mix", "stage1_passes"}
+    assert changed == {"stage2_steps", "align_steps", "align_examples"} | stage1
     assert (quick["precision"], full["precision"]) == ("auto", "fp32")
-    assert all(quick[k] < full[k] for k in changed - {"align_examples"}) and quick["align_examples"] > 0
+    assert all(quick[k] < full[k] for k in ("stage2_steps", "align_steps")) and quick["align_examples"] > 0
+    assert (quick["stage1_steps"], quick["stage1_mix"]) == (0, "sequential")  # one epoch, file by file
+    image, *rest = _stage1_passes(DefaultSettings.quick())  # image captions first
+    assert image == 2 and all(p < 1 for p in rest)
     quick, full = BuildSettings.quick(), BuildSettings()
     assert dataclasses.replace(quick, steps=full.steps) == full
     assert all(0 < quick.steps[k] < full.steps[k] for k in full.steps)

@@ -270,6 +270,19 @@ def test_file_passes_weight_the_spread_mix(tmp_path):
     assert TrainConfig.from_dict(cfg.to_dict()).file_passes == [2]
 
 
+def test_steps_zero_trains_one_epoch_of_the_weighted_stream(base_model, data, tmp_path, fresh):
+    """steps=0 trains ``epochs`` whole epochs (the quick build's stage 1 is one): a step per
+    batch of the weighted stream, each file's partial last batch included."""
+    rows = {k: len(Path(data[k]).read_text().splitlines()) for k in ("captions", "generation")}
+    cfg = TrainConfig(stage="stage1", out=str(tmp_path / "s1"), captions=data["captions"],
+                      generation=data["generation"], steps=0, batch_size=5, file_passes=[2, 0.5],
+                      mix="sequential", progress=False, save_every=0)
+    result = train(cfg, model=fresh(base_model))
+    ceil = lambda n: -(-n // 5)  # noqa: E731
+    assert result.steps == ceil(2 * rows["captions"]) + ceil(round(0.5 * rows["generation"]))
+    assert len(result.losses) == result.steps
+
+
 def test_feature_cache_matches_live_encoders(base_model, data, tmp_path, fresh):
     model = fresh(base_model)
     cfg = TrainConfig(captions=data["captions"], generation=data["generation"], conversations=data["conversations"])

@@ -82,7 +82,7 @@ class DefaultSettings:
     # Learning rates from 120-step sweeps on image captions (docs/RESULTS.md, "Where the gap was"):
     # a frozen LLM's projectors learn far faster at 1e-2 than at LLaVA's 1e-3 in so few
     # steps, and LoRA from stage 2 on lifts every attribute, so stage 2 gets most steps.
-    stage1_steps: int = 120
+    stage1_steps: int = 120  # 0: one epoch of stage 1's files (TrainConfig.steps)
     stage1_batch: int = 16
     stage1_lr: float = 1e-2
     # How stage 1's four files (image, audio and video captions, generation pairs) share its
@@ -90,9 +90,10 @@ class DefaultSettings:
     # keyed "image", "audio", "video", "generation"; a missing key is one pass). The image
     # projector alone reads colour only after about 120 batches of 16 image captions (80: 0.29,
     # 120: 0.90), more than the default's 120 alternating steps (30 image batches) give it.
-    # A quick build with images read twice and first ("sequential") named 10 of 24 newcomer
-    # pairs (5 without) in 28.5 minutes, measured once (docs/RESULTS.md, "An image-heavy
-    # stage 1"). Off: one pass each, alternating.
+    # The quick build reads the image captions twice and first ("sequential", see quick()):
+    # it names 8-11 of 24 newcomer pairs where the alternating quick stage 1 named 3-5
+    # (docs/RESULTS.md, "The image-first stage 1"). Off for the default build, whose 120
+    # steps have not been tried that way: one pass each, alternating.
     stage1_mix: str = "alternate"
     stage1_passes: dict = field(default_factory=dict)
     stage2_steps: int = 1300  # about one pass over the stage-2 files
@@ -144,15 +145,24 @@ class DefaultSettings:
     @classmethod
     def quick(cls) -> "DefaultSettings":
         """The stages of ``build_default.py --quick`` (under 30 minutes from nothing on 2 CPU
-        cores with ``BuildSettings.quick()``): the default recipe with a fifth of stage 2, a
-        quarter of stage 1 (the steps it gave up paid for the image decoder's), and half of the
-        align steps on 400 requests per output modality. Align steps cost 0.03 s each and 2000
-        left the projectors underfitted (held-back L2 image 0.35, 4000: 0.18); caching every
-        request costs 130 s more (docs/RESULTS.md, "The quick build"). Its stages and the align
-        step's LLM pass run in bf16 mixed precision where the machine has it natively
-        (``precision="auto"``). Stage 2 at 300 or 360 steps read images no better in single
-        rebuilds and took the build to 29.7 minutes (docs/RESULTS.md, "A longer quick stage 2")."""
-        return cls(stage1_steps=30, stage2_steps=240, align_steps=4000, align_examples=400, precision="auto")
+        cores with ``BuildSettings.quick()``): the default recipe with a fifth of stage 2, half of
+        the align steps on 400 requests per output modality, and a stage 1 that reads the image
+        captions twice and first. Align steps cost 0.03 s each and 2000 left the projectors
+        underfitted (held-back L2 image 0.35, 4000: 0.18); caching every request costs 130 s
+        more (docs/RESULTS.md, "The quick build"). Its stages and the align step's LLM pass run
+        in bf16 mixed precision where the machine has it natively (``precision="auto"``).
+
+        Stage 1 is one epoch (``stage1_steps=0``). The image projector alone reads colour only
+        after 80-120 batches of image captions, and a quarter of the default's alternating
+        stage 1 gave it 8. Here it gets 125 (two passes), then an eighth of the audio and video
+        captions (8 batches each, as before) and no generation pairs, whose output projectors
+        the align step refits from a fresh start anyway. It named 8-11 of 24 newcomer pairs
+        where the alternating 30-step stage 1 named 3-5 (docs/RESULTS.md, "The image-first
+        stage 1, adopted for `--quick`"). Stage 2 at 300 or 360 steps read images no better in
+        single rebuilds (docs/RESULTS.md, "A longer quick stage 2")."""
+        return cls(stage1_steps=0, stage1_mix="sequential",
+                   stage1_passes={"image": 2, "audio": 0.125, "video": 0.125, "generation": 0},
+                   stage2_steps=240, align_steps=4000, align_examples=400, precision="auto")
 
     @classmethod
     def smoke(cls) -> "DefaultSettings":
@@ -348,7 +358,8 @@ def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, ma
         out.mkdir(parents=True)
         started.write_text(json.dumps({"fingerprint": fingerprint}))
     cfg = make_config(resume)
-    log(f"{name}: training {cfg.steps} steps into {out}" + (" (resuming)" if resume else ""))
+    length = f"{cfg.steps} steps" if cfg.steps > 0 else f"{cfg.epochs} epoch(s)"
+    log(f"{name}: training {length} into {out}" + (" (resuming)" if resume else ""))
     t0 = time.time()
     result = train(cfg, model=make_model())
     # First and last quarter of the run (at most 20 steps each): whole cycles of the
