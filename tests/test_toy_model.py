@@ -103,6 +103,31 @@ def test_second_build_reuses_everything(built):
     assert any("reusing" in line for line in logs)
 
 
+def test_a_one_epoch_image_first_stage1_builds(built, tmp_path):
+    """The quick build's kind of stage 1 (``stage1_steps=0``: one epoch; files in turn, image
+    captions twice, generation pairs left out) runs through build_default on the built
+    components: a step per batch of the weighted files, and the log says the loss's two ends
+    read different files."""
+    import dataclasses
+    import shutil
+
+    root, _ = built
+    for name in ("clip", "audio_encoder", "vae", "image_decoder", "audio_decoder", "video_decoder"):
+        shutil.copytree(root / name, tmp_path / name)
+    settings = dataclasses.replace(DefaultSettings.fast(), stage1_steps=0, stage1_mix="sequential",
+                                   stage1_passes={"image": 2, "audio": 0.5, "generation": 0})
+    logs = []
+    build_default(tmp_path, fast=True, settings=settings, progress=False, config_overrides=TINY_LLM, log=logs.append)
+    assert not any(line.startswith("building toy") for line in logs)  # the copied components were reused
+    rows = {m: len((tmp_path / "data" / f"stage1_captions_{m}.jsonl").read_text().splitlines())
+            for m in world.MODALITIES}
+    batch, ceil = settings.stage1_batch, lambda n: -(-n // settings.stage1_batch)  # noqa: E731
+    expected = ceil(2 * rows["image"]) + ceil(round(0.5 * rows["audio"])) + ceil(rows["video"])
+    assert batch == 2 and json.loads((tmp_path / "runs" / "stage1" / "done.json").read_text())["steps"] == expected
+    done = [line for line in logs if line.startswith("stage 1: done")]
+    assert len(done) == 1 and "sequential" in done[0]
+
+
 def test_changed_settings_fingerprint_differs():
     a, b = DefaultSettings(), DefaultSettings(stage2_steps=7)
     comps = {"clip": {"build_id": "x"}}

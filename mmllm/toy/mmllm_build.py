@@ -369,7 +369,9 @@ def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, ma
             "bad_rows": result.bad_rows, "resumed": bool(resume)}
     _relocatable(out / "model", tree=out.parent.parent)
     (out / DONE).write_text(json.dumps(info, indent=1))
-    log(f"{name}: done in {info['seconds']:.0f} s, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}")
+    # A sequential mix reads its files one after another, so the two ends are different files.
+    ends = " (first and last files of a sequential mix)" if cfg.mix == "sequential" else ""
+    log(f"{name}: done in {info['seconds']:.0f} s, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}{ends}")
     return info
 
 
