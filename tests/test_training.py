@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 from pathlib import Path
 
@@ -278,8 +279,7 @@ def test_steps_zero_trains_one_epoch_of_the_weighted_stream(base_model, data, tm
                       generation=data["generation"], steps=0, batch_size=5, file_passes=[2, 0.5],
                       mix="sequential", progress=False, save_every=0)
     result = train(cfg, model=fresh(base_model))
-    ceil = lambda n: -(-n // 5)  # noqa: E731
-    assert result.steps == ceil(2 * rows["captions"]) + ceil(round(0.5 * rows["generation"]))
+    assert result.steps == math.ceil(2 * rows["captions"] / 5) + math.ceil(round(0.5 * rows["generation"]) / 5)
     assert len(result.losses) == result.steps
 
 
