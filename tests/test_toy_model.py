@@ -112,8 +112,10 @@ def test_a_one_epoch_image_first_stage1_builds(built, tmp_path):
     import dataclasses
     import shutil
 
+    from mmllm.toy.components import COMPONENTS
+
     root, _ = built
-    for name in ("clip", "audio_encoder", "vae", "image_decoder", "audio_decoder", "video_decoder"):
+    for name in COMPONENTS:
         shutil.copytree(root / name, tmp_path / name)
     settings = dataclasses.replace(DefaultSettings.fast(), stage1_steps=0, stage1_mix="sequential",
                                    stage1_passes={"image": 2, "audio": 0.5, "generation": 0})
