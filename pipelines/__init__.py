@@ -16,6 +16,7 @@ DECODERS = Registry("decoder")
 DECODERS.register("stable_diffusion", "pipelines.decoders:StableDiffusionDecoder")
 DECODERS.register("audioldm", "pipelines.decoders:AudioLDMDecoder")
 DECODERS.register("text_to_video_sd", "pipelines.decoders:TextToVideoDecoder")
+DECODERS.register("animatediff", "pipelines.decoders:AnimateDiffDecoder")
 DECODERS.register("spectrogram_sd", "pipelines.spectrogram:SpectrogramDecoder")
 
 

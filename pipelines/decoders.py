@@ -385,6 +385,16 @@ class TextToVideoDecoder(_TokenLevelDecoder):
         ]
 
 
+class AnimateDiffDecoder(TextToVideoDecoder):
+    """``diffusers.AnimateDiffPipeline``: a Stable Diffusion 1.x image UNet with motion modules
+    ((77, 768)). Its motion modules know each frame's place (sinusoidal frame positions)."""
+
+    backend = "animatediff"
+    pipeline_class = "AnimateDiffPipeline"
+    tiny_builder = "tiny_animatediff"
+    defaults = {**TextToVideoDecoder.defaults, "guidance_scale": 7.5}
+
+
 class AudioLDMDecoder(Decoder):
     """``diffusers.AudioLDMPipeline``, conditioned on the pooled, L2-normalised CLAP text embedding."""
 

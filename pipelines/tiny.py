@@ -128,6 +128,26 @@ def tiny_text_to_video(text_width: int = 32, seed: int = 0, max_length: int = 77
     )
 
 
+def tiny_animatediff(text_width: int = 32, seed: int = 0, max_length: int = 77):
+    """An ``AnimateDiffPipeline``: the tiny image UNet with motion modules, conditioning (max_length, text_width)."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(max_length)
+    text_encoder = _tiny_clip_text_encoder(tokenizer, text_width)
+    image_unet = UNet2DConditionModel(
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        **_tiny_unet_kwargs(text_width),
+    )
+    adapter = MotionAdapter(block_out_channels=image_unet.config.block_out_channels,
+                            motion_layers_per_block=image_unet.config.layers_per_block, motion_num_attention_heads=4,
+                            motion_norm_num_groups=image_unet.config.norm_num_groups, motion_max_seq_length=16)
+    unet = UNetMotionModel.from_unet2d(image_unet, adapter).eval()
+    return AnimateDiffPipeline(vae=_tiny_vae((8, 16)), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                               motion_adapter=None, scheduler=_scheduler())
+
+
 def tiny_audioldm(
     text_width: int = 32,
     projection_dim: int = 16,

@@ -7,6 +7,8 @@
     python scripts/build_toy.py --root /tmp/v --only clip --steps clip=1000 --clip-shape-groups 0
                                                       # a CLIP variant (probe it: scripts/probe_clip.py)
     python scripts/build_toy.py --root /tmp/a --split all   # components that see the held-out pairs too
+    python scripts/build_toy.py --root /tmp/m --only video_decoder --video-unet motion
+                                                      # an AnimateDiff video decoder (``animatediff``)
 
 Components already complete are skipped; see ``mmllm.toy.components`` for the layout.
 """
@@ -19,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mmllm.toy.components import COMPONENTS, BuildSettings, build_components, default_root
+from mmllm.toy.components import COMPONENTS, VIDEO_UNETS, BuildSettings, build_components, default_root
 
 
 def main(argv=None) -> None:
@@ -36,6 +38,9 @@ def main(argv=None) -> None:
                         help="groups of shape hard negatives per CLIP batch (default: BuildSettings')")
     parser.add_argument("--split", choices=("train", "all"), default=None,
                         help="world split the components train on (default: BuildSettings', train)")
+    parser.add_argument("--video-unet", choices=VIDEO_UNETS, default=None,
+                        help="video decoder UNet: unet3d (TextToVideoSDPipeline, the default) or motion "
+                             "(the image UNet with AnimateDiff motion modules, AnimateDiffPipeline)")
     parser.add_argument("--evaluate", action="store_true", help="score with the oracles; writes quality.json")
     parser.add_argument("--eval-n", type=int, default=48, help="prompts per split and modality when evaluating")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -53,6 +58,8 @@ def main(argv=None) -> None:
         settings = replace(settings, clip_shape_groups=args.clip_shape_groups)
     if args.split is not None:
         settings = replace(settings, split=args.split)
+    if args.video_unet is not None:
+        settings = replace(settings, video_unet=args.video_unet)
     paths = build_components(args.root, device=args.device, seed=args.seed, steps=steps, settings=settings,
                              only=args.only, force=args.force, progress=not args.no_progress)
     print(f"toy components ready in {time.time() - start:.0f} s under {paths['clip'].parent}")

@@ -14,8 +14,14 @@ from PIL import Image
 import pipelines
 from mmllm.config import DecoderConfig
 from pipelines import DECODERS, AudioOutput, ImageOutput, VideoOutput, build_decoder
-from pipelines.decoders import AudioLDMDecoder, StableDiffusionDecoder, TargetCache, TextToVideoDecoder
-from pipelines.tiny import tiny_audioldm, tiny_stable_diffusion, tiny_text_to_video
+from pipelines.decoders import (
+    AnimateDiffDecoder,
+    AudioLDMDecoder,
+    StableDiffusionDecoder,
+    TargetCache,
+    TextToVideoDecoder,
+)
+from pipelines.tiny import tiny_animatediff, tiny_audioldm, tiny_stable_diffusion, tiny_text_to_video
 
 TEXT_WIDTH = 48
 AUDIO_PROJECTION = 24
@@ -74,7 +80,8 @@ def cases():
     sd = tiny_stable_diffusion(text_width=TEXT_WIDTH, seed=0)
     vid = tiny_text_to_video(text_width=TEXT_WIDTH, seed=0)
     aud = tiny_audioldm(projection_dim=AUDIO_PROJECTION, seed=0)
-    for p in (sd, vid, aud):
+    anim = tiny_animatediff(text_width=TEXT_WIDTH, seed=0)
+    for p in (sd, vid, aud, anim):
         p.set_progress_bar_config(disable=True)
     image_settings = {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32}
     video_settings = {**image_settings, "num_frames": 3, "fps": 4}
@@ -83,10 +90,13 @@ def cases():
         "image": Case("image", sd, StableDiffusionDecoder.from_pipeline(sd, **image_settings), image_settings, "pil"),
         "video": Case("video", vid, TextToVideoDecoder.from_pipeline(vid, **video_settings), video_settings, "pil"),
         "audio": Case("audio", aud, AudioLDMDecoder.from_pipeline(aud, **audio_settings), audio_settings, "np"),
+        # A second video backend: the same checks, on AnimateDiff's motion-module UNet.
+        "animatediff": Case("video", anim, AnimateDiffDecoder.from_pipeline(anim, **video_settings), video_settings,
+                            "pil"),
     }
 
 
-MODALITIES = ["image", "video", "audio"]
+MODALITIES = ["image", "video", "audio", "animatediff"]
 
 
 def pipeline_encode(case, captions, guidance=False):
@@ -113,7 +123,7 @@ def test_generate_equals_direct_pipeline_call(cases, modality):
         assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("modality", ["image", "video"])
+@pytest.mark.parametrize("modality", ["image", "video", "animatediff"])
 def test_default_negative_matches_pipelines_own_empty_prompt(cases, modality):
     # Without negative_prompt_embeds the pipeline encodes "" itself; ours must be identical.
     case = cases[modality]
@@ -152,9 +162,9 @@ def test_output_types_and_shapes(cases, modality):
     outputs = case.decoder.generate(embeds, seed=0)
     assert len(outputs) == 2
     for out in outputs:
-        if modality == "image":
+        if case.name == "image":
             assert isinstance(out, ImageOutput) and out.size == (32, 32) and out.image.mode == "RGB"
-        elif modality == "video":
+        elif case.name == "video":
             assert isinstance(out, VideoOutput) and out.fps == 4
             assert out.frames.shape == (3, 32, 32, 3) and out.frames.dtype == np.uint8
         else:
@@ -185,6 +195,7 @@ def test_settings_override_options_per_call(cases):
 def test_conditioning_shape_is_read_from_the_components(cases):
     assert cases["image"].decoder.conditioning_shape == (77, TEXT_WIDTH)
     assert cases["video"].decoder.conditioning_shape == (77, TEXT_WIDTH)
+    assert cases["animatediff"].decoder.conditioning_shape == (77, TEXT_WIDTH)
     assert cases["audio"].decoder.conditioning_shape == (AUDIO_PROJECTION,)
     narrow = StableDiffusionDecoder.from_pipeline(tiny_stable_diffusion(text_width=24, max_length=16))
     assert narrow.conditioning_shape == (16, 24)
@@ -304,14 +315,15 @@ def test_video_gif_fallback_without_ffmpeg(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "backend,builder",
-    [("stable_diffusion", tiny_stable_diffusion), ("audioldm", tiny_audioldm), ("text_to_video_sd", tiny_text_to_video)],
+    [("stable_diffusion", tiny_stable_diffusion), ("audioldm", tiny_audioldm), ("text_to_video_sd", tiny_text_to_video),
+     ("animatediff", tiny_animatediff)],
 )
 def test_save_and_load_by_path_round_trip(backend, builder, tmp_path):
     pipe = builder(seed=1)
     pipe.set_progress_bar_config(disable=True)
     fast = {"num_inference_steps": 2}
     fast.update({"audio_length_in_s": 0.5} if backend == "audioldm" else {"height": 32, "width": 32})
-    if backend == "text_to_video_sd":
+    if backend in ("text_to_video_sd", "animatediff"):
         fast["num_frames"] = 2
     original = DECODERS.get(backend).from_pipeline(pipe, **fast)
     original.save_pretrained(tmp_path / "dec")
@@ -334,9 +346,9 @@ def test_random_init_builds_tiny_decoder_from_arch():
 def test_unknown_backend_lists_valid_names():
     with pytest.raises(KeyError) as err:
         build_decoder(DecoderConfig(backend="stable_difusion"))
-    for name in ("stable_diffusion", "audioldm", "text_to_video_sd"):
+    for name in ("stable_diffusion", "audioldm", "text_to_video_sd", "animatediff"):
         assert name in str(err.value)
-    assert {"audioldm", "stable_diffusion", "text_to_video_sd"} <= set(pipelines.DECODERS.names())
+    assert {"audioldm", "stable_diffusion", "text_to_video_sd", "animatediff"} <= set(pipelines.DECODERS.names())
 
 
 def test_errors_say_the_fix(cases):

@@ -57,6 +57,34 @@ def test_changed_recipe_rebuilds_that_component_and_its_dependents(root, tmp_pat
     assert not is_complete(copy, "video_decoder")  # built on the old CLIP
 
 
+def test_motion_video_unet_rebuilds_only_the_video_decoder_as_animatediff(root, tmp_path):
+    import shutil
+
+    from mmllm.toy.components import video_decoder_backend
+    from mmllm.toy.preset import decoder_options, toy_config
+
+    copy = tmp_path / "toy"
+    shutil.copytree(root, copy)
+    assert "video_unet" not in BuildSettings().recipe("video_decoder")  # built roots stay valid
+    motion = BuildSettings.fast()
+    motion.video_unet = "motion"
+    assert not is_complete(copy, "video_decoder", motion) and is_complete(copy, "image_decoder", motion)
+    old_image = (copy / "image_decoder" / MARKER).read_text()
+    build_components(copy, settings=motion, progress=False, log=lambda _: None)
+    assert (copy / "image_decoder" / MARKER).read_text() == old_image
+    assert video_decoder_backend(copy / "video_decoder") == "animatediff"
+    assert video_decoder_backend(root / "video_decoder") == "text_to_video_sd"
+    assert toy_config(copy).outputs["video"].decoder.backend == "animatediff"
+    decoder = build_decoder(DecoderConfig(backend="animatediff", source=str(copy / "video_decoder"),
+                                          options={**decoder_options("video"), "num_inference_steps": 2}))
+    assert type(decoder.pipeline.unet).__name__ == "UNetMotionModel"
+    out = decoder.generate(decoder.encode_text(["a red circle moving up"]), seed=0)
+    assert out[0].frames.shape == (4, 32, 32, 3) and out[0].frames.dtype == np.uint8
+    motion.video_unet = "unet4d"
+    with pytest.raises(ValueError, match=r"video_unet must be one of \['unet3d', 'motion'\]"):
+        build_components(copy, settings=motion, only=["video_decoder"], progress=False, log=lambda _: None)
+
+
 def test_shape_groups_differ_only_in_shape_and_keep_out_held_out_pairs():
     rng = np.random.default_rng(0)
     for _ in range(20):

@@ -47,6 +47,11 @@ from . import world
 
 IMAGE_SIZE = 32
 VIDEO_FRAMES = 4  # few frames keep the 3-D UNet affordable on a CPU; motion is still readable
+# The video decoder's UNet: "unet3d" (UNet3DConditionModel, saved as a TextToVideoSDPipeline,
+# the ModelScope / Zeroscope family) or "motion" (the image UNet with AnimateDiff motion
+# modules, saved as an AnimateDiffPipeline).
+VIDEO_UNETS = ("unet3d", "motion")
+MOTION_HEADS = 4  # attention heads of the motion modules
 SAMPLE_RATE = 16000
 MAX_TEXT_LENGTH = 32  # the longest world caption is 19 word-level tokens
 MARKER = "toy_component.json"
@@ -109,6 +114,10 @@ class BuildSettings:
     # Measured with "all" (eighth build): better encoder features, the same memorised pairs
     # in the LLM's answers, so the default stays "train".
     split: str = "train"
+    # The video decoder's UNet (``VIDEO_UNETS``). "motion" trains 22 % faster per step but
+    # drew no better videos: neither UNet learns the direction of motion on a CPU budget
+    # (docs/TOY.md, "Why generated video direction is at chance").
+    video_unet: str = "unet3d"
 
     @classmethod
     def fast(cls) -> "BuildSettings":
@@ -160,6 +169,8 @@ class BuildSettings:
             out.update(caption_dropout=self.caption_dropout, canonical_fraction=self.canonical_fraction)
         if self.split != "train":  # recorded only when changed: the train-split builds stay valid
             out["split"] = self.split
+        if name == "video_decoder" and self.video_unet != "unet3d":  # likewise
+            out["video_unet"] = self.video_unet
         return out
 
 
@@ -515,11 +526,13 @@ def _latents(vae, pixels: torch.Tensor, device: str, chunk: int = 256) -> torch.
 def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, tokenizer, settings: BuildSettings,
                     name: str, device: str, rng: np.random.Generator, progress: bool,
                     to_unet: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-                    weights: Optional[torch.Tensor] = None) -> dict:
+                    weights: Optional[torch.Tensor] = None, text_per_frame: int = 1) -> dict:
     """The standard noise-prediction loss on ``latents`` conditioned on the frozen text encoder.
 
     ``weights`` (broadcastable to ``latents``, e.g. (N, 1, h, w)) weight each latent
-    position's squared error: ``loss_weights`` of the foreground, so objects count."""
+    position's squared error: ``loss_weights`` of the foreground, so objects count.
+    ``text_per_frame``: repeat each caption's conditioning this many times, for UNets that
+    take one per frame (``UNetMotionModel``; ``AnimateDiffPipeline`` repeats it the same way)."""
     scheduler = _scheduler()
     alphas = scheduler.alphas_cumprod
     unet.to(device).train()
@@ -532,6 +545,7 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         captions = [sample_caption(specs[i], rng, settings.canonical_fraction, settings.caption_dropout) for i in idx]
         with torch.no_grad():
             cond = text_encoder(_tokens(tokenizer, captions, device))[0]  # (B, L, D), as encode_prompt does
+            cond = cond.repeat_interleave(text_per_frame, dim=0)
         x0 = latents[idx].to(device)
         noise = torch.randn_like(x0)
         t = torch.randint(0, len(alphas), (len(idx),))
@@ -628,11 +642,57 @@ def build_audio_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     return info
 
 
+def _unet3d_from_image(root: Path, sample_size: int, text_width: int):
+    """A ``UNet3DConditionModel`` started from the image decoder's UNet, as ModelScope /
+    AnimateDiff start from an image model: the spatial layers share names and shapes, and the
+    temporal layers start as identities, so training begins from per-frame images."""
+    from diffusers import UNet2DConditionModel, UNet3DConditionModel
+
+    unet = UNet3DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+        cross_attention_dim=text_width, attention_head_dim=8,
+    )
+    image_unet = UNet2DConditionModel.from_pretrained(root / "image_decoder" / "unet").state_dict()
+    own = unet.state_dict()
+    # proj_in / proj_out are linear in 2-D and 1x1 convolutions in 3-D: same numbers, other shape.
+    matched = {k: v.reshape(own[k].shape) for k, v in image_unet.items() if k in own and own[k].numel() == v.numel()}
+    unet.load_state_dict(matched, strict=False)
+    return unet, f"{len(matched)}/{len(own)} tensors"
+
+
+def _motion_unet_from_image(root: Path, frames: int):
+    """The image decoder's UNet with AnimateDiff motion modules (``UNetMotionModel.from_unet2d``).
+    The motion modules' output projections start at zero, as AnimateDiff's do, so training
+    also begins from per-frame images; unlike UNet3D's temporal attention they know each
+    frame's place (sinusoidal positions)."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    image_unet = UNet2DConditionModel.from_pretrained(root / "image_decoder" / "unet")
+    adapter = MotionAdapter(block_out_channels=image_unet.config.block_out_channels,
+                            motion_layers_per_block=image_unet.config.layers_per_block,
+                            motion_num_attention_heads=MOTION_HEADS,
+                            motion_norm_num_groups=image_unet.config.norm_num_groups,
+                            motion_max_seq_length=max(frames, 16))
+    unet = UNetMotionModel.from_unet2d(image_unet, adapter)
+    zeroed = 0
+    for name, module in unet.named_modules():
+        if "motion_modules" in name and name.endswith("proj_out"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+            zeroed += 1
+    return unet, f"image UNet + {zeroed} motion modules"
+
+
 def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
                         progress: bool) -> dict:
-    from diffusers import AutoencoderKL, TextToVideoSDPipeline, UNet2DConditionModel, UNet3DConditionModel
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, TextToVideoSDPipeline
     from transformers import CLIPTokenizer
 
+    if settings.video_unet not in VIDEO_UNETS:
+        raise ValueError(f"BuildSettings.video_unet must be one of {list(VIDEO_UNETS)}, got {settings.video_unet!r}")
     rng = _rng(seed, "video_decoder")
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
@@ -642,30 +702,31 @@ def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     n, t = videos.shape[:2]
     pixels = to_unit(videos.reshape(n * t, *videos.shape[2:]))
     frames = _latents(vae, pixels, device)  # (N*T, 4, 16, 16)
-    latents = frames.view(n, t, *frames.shape[1:])  # (N, T, 4, h, w); the UNet wants (N, 4, T, h, w)
+    latents = frames.view(n, t, *frames.shape[1:])  # (N, T, 4, h, w); the UNets want (N, 4, T, h, w)
     weights = loss_weights(foreground(pixels), settings.foreground_weight, pixels.shape[-1] // frames.shape[-1])
     weights = weights.view(n, t, *weights.shape[1:])  # (N, T, 1, h, w)
-    unet = UNet3DConditionModel(
-        sample_size=latents.shape[-1], in_channels=4, out_channels=4,
-        down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
-        up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
-        cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8,
-    )
-    # Start from the image decoder's UNet, as ModelScope / AnimateDiff start from an image
-    # model: the spatial layers share names and shapes, and the temporal layers start as
-    # identities, so training begins from per-frame images and only has to learn motion.
-    image_unet = UNet2DConditionModel.from_pretrained(root / "image_decoder" / "unet").state_dict()
-    own = unet.state_dict()
-    # proj_in / proj_out are linear in 2-D and 1x1 convolutions in 3-D: same numbers, other shape.
-    matched = {k: v.reshape(own[k].shape) for k, v in image_unet.items() if k in own and own[k].numel() == v.numel()}
-    unet.load_state_dict(matched, strict=False)
+    if settings.video_unet == "motion":
+        unet, init = _motion_unet_from_image(root, t)
+    else:
+        unet, init = _unet3d_from_image(root, latents.shape[-1], text_encoder.config.hidden_size)
     info = _train_denoiser(unet, latents, specs, text_encoder, tokenizer, settings, "video_decoder", device, rng,
-                           progress, to_unet=lambda x: x.transpose(1, 2), weights=weights)
-    info["init_from_image_unet"] = f"{len(matched)}/{len(own)} tensors"
-    TextToVideoSDPipeline(vae=vae.to("cpu"), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                          scheduler=_scheduler()).save_pretrained(out)
+                           progress, to_unet=lambda x: x.transpose(1, 2), weights=weights,
+                           text_per_frame=t if settings.video_unet == "motion" else 1)
+    info["init_from_image_unet"] = init
+    parts = dict(vae=vae.to("cpu"), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler())
+    if settings.video_unet == "motion":
+        AnimateDiffPipeline(motion_adapter=None, **parts).save_pretrained(out)
+    else:
+        TextToVideoSDPipeline(**parts).save_pretrained(out)
     return info
+
+
+def video_decoder_backend(directory: str | os.PathLike) -> str:
+    """The decoder backend that loads a saved toy video decoder: ``animatediff`` for an
+    ``AnimateDiffPipeline`` (``video_unet="motion"``), else ``text_to_video_sd``."""
+    index = Path(directory) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    return "animatediff" if name == "AnimateDiffPipeline" else "text_to_video_sd"
 
 
 # --------------------------------------------------------------------------- driver

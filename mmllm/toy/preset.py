@@ -45,7 +45,7 @@ from typing import Optional
 
 from mmllm.config import EncoderConfig, MMLLMConfig
 
-from .components import VIDEO_FRAMES, default_root
+from .components import VIDEO_FRAMES, default_root, video_decoder_backend
 
 VIDEO_INPUT_FRAMES = 2  # frames the video encoder reads (first and last); clips have VIDEO_FRAMES
 # Every input's flatten_mlp options: 4 tokens from all encoder tokens flattened (where things
@@ -125,7 +125,8 @@ def toy_config(root: Optional[str | os.PathLike] = None, **overrides) -> MMLLMCo
                       "decoder": {"backend": "spectrogram_sd", "source": str(root / "audio_decoder"),
                                   "options": decoder_options("audio")}},
             "video": {"num_signal_tokens": 8, "signal_prefix": "VID", "projector": _transformer_projector(),
-                      "decoder": {"backend": "text_to_video_sd", "source": str(root / "video_decoder"),
+                      "decoder": {"backend": video_decoder_backend(root / "video_decoder"),
+                                  "source": str(root / "video_decoder"),
                                   "options": decoder_options("video")}},
         },
     }

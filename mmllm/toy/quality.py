@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import oracle, world
-from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES, default_root
+from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES, default_root, video_decoder_backend
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -232,7 +232,7 @@ def evaluate_decoders(root: Path, n: int = 48, seed: int = 0, steps: int = 20, g
                "video": (lambda o: oracle.analyse_video(o.frames))}
     for modality, (backend, folder) in {"image": ("stable_diffusion", "image_decoder"),
                                         "audio": ("spectrogram_sd", "audio_decoder"),
-                                        "video": ("text_to_video_sd", "video_decoder")}.items():
+                                        "video": (video_decoder_backend(root / "video_decoder"), "video_decoder")}.items():
         options = {**decoder_options(modality), "num_inference_steps": steps, "guidance_scale": guidance}
         decoder = build_decoder(DecoderConfig(backend=backend, source=str(root / folder), options=options)).to(device)
         report[modality] = {}
