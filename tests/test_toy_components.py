@@ -161,6 +161,11 @@ def test_decoders_load_and_render(root, modality, backend, folder, kind):
     options = {**decoder_options(modality), "num_inference_steps": 2}
     decoder = build_decoder(DecoderConfig(backend=backend, source=str(root / folder), options=options))
     assert decoder.conditioning_shape == (32, 64)  # the toy CLIP text tower: 32 tokens of width 64
+    # Zero terminal SNR: sampling starts from pure noise at the last training step, as training ends.
+    scheduler = decoder.pipeline.scheduler
+    assert scheduler.config.prediction_type == "v_prediction" and float(scheduler.alphas_cumprod[-1]) == 0.0
+    scheduler.set_timesteps(options["num_inference_steps"])
+    assert int(scheduler.timesteps[0]) == scheduler.config.num_train_timesteps - 1
     out = decoder.generate(decoder.encode_text(["a red circle"]), seed=0)
     assert len(out) == 1 and isinstance(out[0], kind)
     if modality == "image":

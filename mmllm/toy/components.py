@@ -69,8 +69,15 @@ DEPENDS = {
 # decoders: CLIP's; audio decoder: the audio encoder's). A decoder retrained on the same tower
 # (more steps, another UNet) changes no input and no target, so it does not retrain the LLM.
 TRAINING_INPUTS = ("clip", "audio_encoder")
-# SD-1.x noise schedule, shared by training and the saved DDIM sampler.
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+# SD-1.x noise schedule, shared by training and the saved DDIM sampler, rescaled to zero
+# terminal SNR with v-prediction and trailing timesteps (Lin et al. 2024, "Common Diffusion
+# Noise Schedules and Sample Steps are Flawed"). SD's own schedule leaves 7 % of the signal at
+# its last step, so a decoder learns to take the layout (where the shape is, which way it
+# moves) from that remnant, and sampling from pure noise draws it at random: fed the true
+# caption, the video decoder drew the axis of motion at chance (docs/TOY.md, "Zero terminal SNR").
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                rescale_betas_zero_snr=True)
+PREDICTION = "v_prediction"
 
 
 @dataclass
@@ -114,9 +121,9 @@ class BuildSettings:
     # Measured with "all" (eighth build): better encoder features, the same memorised pairs
     # in the LLM's answers, so the default stays "train".
     split: str = "train"
-    # The video decoder's UNet (``VIDEO_UNETS``). "motion" trains 22 % faster per step but
-    # drew no better videos: neither UNet learns the direction of motion on a CPU budget
-    # (docs/TOY.md, "Why generated video direction is at chance").
+    # The video decoder's UNet (``VIDEO_UNETS``). "motion" trains 22 % faster per step; on the
+    # old noise schedule it drew direction no better than the UNet3D (both at chance), and
+    # on the zero-SNR one it is untested (docs/TOY.md, "Zero terminal SNR").
     video_unet: str = "unet3d"
 
     @classmethod
@@ -166,7 +173,8 @@ class BuildSettings:
         if name != "clip" and name != "audio_encoder":
             out["foreground_weight"] = self.foreground_weight
         if name.endswith("_decoder"):
-            out.update(caption_dropout=self.caption_dropout, canonical_fraction=self.canonical_fraction)
+            out.update(caption_dropout=self.caption_dropout, canonical_fraction=self.canonical_fraction,
+                       schedule="zero_snr", prediction=PREDICTION)  # decoders built before 2026-12-06 rebuild
         if self.split != "train":  # recorded only when changed: the train-split builds stay valid
             out["split"] = self.split
         if name == "video_decoder" and self.video_unet != "unet3d":  # likewise
@@ -513,7 +521,8 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
 def _scheduler():
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                         prediction_type=PREDICTION, timestep_spacing="trailing")
 
 
 @torch.no_grad()
@@ -527,7 +536,7 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
                     name: str, device: str, rng: np.random.Generator, progress: bool,
                     to_unet: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
                     weights: Optional[torch.Tensor] = None, text_per_frame: int = 1) -> dict:
-    """The standard noise-prediction loss on ``latents`` conditioned on the frozen text encoder.
+    """The standard denoising loss (``PREDICTION``: v) on ``latents`` conditioned on the frozen text encoder.
 
     ``weights`` (broadcastable to ``latents``, e.g. (N, 1, h, w)) weight each latent
     position's squared error: ``loss_weights`` of the foreground, so objects count.
@@ -551,7 +560,8 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         t = torch.randint(0, len(alphas), (len(idx),))
         noisy = scheduler.add_noise(x0, noise, t)
         pred = unet(to_unet(noisy), t.to(device), encoder_hidden_states=cond).sample
-        err = (pred - to_unet(noise)) ** 2
+        target = scheduler.get_velocity(x0, noise, t) if PREDICTION == "v_prediction" else noise
+        err = (pred - to_unet(target)) ** 2
         loss = err.mean() if weights is None else (to_unet(weights[idx].to(device).expand_as(x0)) * err).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
