@@ -87,18 +87,25 @@ def _tiny_unet_kwargs(text_width: int) -> dict:
                 norm_num_groups=8, cross_attention_dim=text_width, attention_head_dim=4)
 
 
-def tiny_stable_diffusion(text_width: int = 32, seed: int = 0, max_length: int = 77):
-    """A ``StableDiffusionPipeline`` with conditioning (max_length, text_width); renders 32x32 fast."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+def _tiny_image_unet(text_width: int):
+    """The tiny SD UNet (also the image half of the tiny AnimateDiff UNet)."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer(max_length)
-    text_encoder = _tiny_clip_text_encoder(tokenizer, text_width)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         **_tiny_unet_kwargs(text_width),
     ).eval()
+
+
+def tiny_stable_diffusion(text_width: int = 32, seed: int = 0, max_length: int = 77):
+    """A ``StableDiffusionPipeline`` with conditioning (max_length, text_width); renders 32x32 fast."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(max_length)
+    text_encoder = _tiny_clip_text_encoder(tokenizer, text_width)
+    unet = _tiny_image_unet(text_width)
     return StableDiffusionPipeline(
         vae=_tiny_vae((8, 16)),
         text_encoder=text_encoder,
@@ -130,16 +137,12 @@ def tiny_text_to_video(text_width: int = 32, seed: int = 0, max_length: int = 77
 
 def tiny_animatediff(text_width: int = 32, seed: int = 0, max_length: int = 77):
     """An ``AnimateDiffPipeline``: the tiny image UNet with motion modules, conditioning (max_length, text_width)."""
-    from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
 
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer(max_length)
     text_encoder = _tiny_clip_text_encoder(tokenizer, text_width)
-    image_unet = UNet2DConditionModel(
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        **_tiny_unet_kwargs(text_width),
-    )
+    image_unet = _tiny_image_unet(text_width)
     adapter = MotionAdapter(block_out_channels=image_unet.config.block_out_channels,
                             motion_layers_per_block=image_unet.config.layers_per_block, motion_num_attention_heads=4,
                             motion_norm_num_groups=image_unet.config.norm_num_groups, motion_max_seq_length=16)

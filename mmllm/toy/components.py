@@ -560,7 +560,8 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         t = torch.randint(0, len(alphas), (len(idx),))
         noisy = scheduler.add_noise(x0, noise, t)
         pred = unet(to_unet(noisy), t.to(device), encoder_hidden_states=cond).sample
-        target = scheduler.get_velocity(x0, noise, t) if PREDICTION == "v_prediction" else noise
+        # The target the saved sampler expects (``PREDICTION``): v, or the noise itself.
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
         err = (pred - to_unet(target)) ** 2
         loss = err.mean() if weights is None else (to_unet(weights[idx].to(device).expand_as(x0)) * err).mean()
         opt.zero_grad(set_to_none=True)
