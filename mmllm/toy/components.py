@@ -28,6 +28,7 @@ pretraining would, while the MMLLM's stages still see the train split alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -174,7 +175,8 @@ class BuildSettings:
             out["foreground_weight"] = self.foreground_weight
         if name.endswith("_decoder"):
             out.update(caption_dropout=self.caption_dropout, canonical_fraction=self.canonical_fraction,
-                       schedule="zero_snr", prediction=PREDICTION)  # decoders built before 2026-12-06 rebuild
+                       zero_terminal_snr=SCHEDULE["rescale_betas_zero_snr"],  # decoders built before
+                       prediction=PREDICTION)  # 2026-12-06 lack these two and rebuild
         if self.split != "train":  # recorded only when changed: the train-split builds stay valid
             out["split"] = self.split
         if name == "video_decoder" and self.video_unet != "unet3d":  # likewise
@@ -716,19 +718,18 @@ def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     latents = frames.view(n, t, *frames.shape[1:])  # (N, T, 4, h, w); the UNets want (N, 4, T, h, w)
     weights = loss_weights(foreground(pixels), settings.foreground_weight, pixels.shape[-1] // frames.shape[-1])
     weights = weights.view(n, t, *weights.shape[1:])  # (N, T, 1, h, w)
-    if settings.video_unet == "motion":
+    if settings.video_unet == "motion":  # one conditioning per frame, as AnimateDiffPipeline passes it
         unet, init = _motion_unet_from_image(root, t)
+        pipeline, text_per_frame = functools.partial(AnimateDiffPipeline, motion_adapter=None), t
     else:
         unet, init = _unet3d_from_image(root, latents.shape[-1], text_encoder.config.hidden_size)
+        pipeline, text_per_frame = TextToVideoSDPipeline, 1
     info = _train_denoiser(unet, latents, specs, text_encoder, tokenizer, settings, "video_decoder", device, rng,
                            progress, to_unet=lambda x: x.transpose(1, 2), weights=weights,
-                           text_per_frame=t if settings.video_unet == "motion" else 1)
+                           text_per_frame=text_per_frame)
     info["init_from_image_unet"] = init
-    parts = dict(vae=vae.to("cpu"), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler())
-    if settings.video_unet == "motion":
-        AnimateDiffPipeline(motion_adapter=None, **parts).save_pretrained(out)
-    else:
-        TextToVideoSDPipeline(**parts).save_pretrained(out)
+    pipeline(vae=vae.to("cpu"), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+             scheduler=_scheduler()).save_pretrained(out)
     return info
 
 
