@@ -68,7 +68,8 @@ def main(argv=None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                         help="model-config override, dotted, value as JSON (repeatable), e.g. "
                              "'inputs.video.projector.options={\"num_tokens\":4,\"per_token\":true}'; "
-                             "the stages fingerprint the whole config, so a changed one retrains them")
+                             "the stages fingerprint the whole config but the decoders' generation settings, so "
+                             "any other change retrains them")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads; 1 is up to 10x faster on a CPU shared with other jobs "
                              "(OpenMP threads wait for each other), see docs/RESULTS.md")

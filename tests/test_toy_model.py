@@ -144,6 +144,67 @@ def test_changed_settings_fingerprint_differs():
         assert a.stage_fingerprint(stage, comps) != a.stage_fingerprint(stage, {**comps, "audio_encoder": {"build_id": "z"}})
 
 
+def test_generation_settings_stay_out_of_the_stage_fingerprints(built):
+    """The decoders' generation settings (guidance, steps, sizes) are rendering-only, so
+    changing them keeps every stage; what the stages read (a decoder's backend, its text
+    tower's source, the projectors) still retrains them."""
+    from mmllm.toy.mmllm_build import decoder_settings, training_view
+    from mmllm.toy.preset import toy_config
+
+    root, _ = built
+    base = toy_config(root).to_dict()
+    comps = {"clip": {"build_id": "x"}}
+    fp = lambda cfg, **kw: [DefaultSettings().stage_fingerprint(s, comps, cfg, **kw)  # noqa: E731
+                            for s in ("stage1", "stage2", "align")]
+    guided = toy_config(root, **{"outputs.video.decoder.options.guidance_scale": 7.5,
+                                   "outputs.image.decoder.options.num_inference_steps": 50}).to_dict()
+    assert decoder_settings(guided)["video"]["guidance_scale"] == 7.5
+    assert decoder_settings(base)["video"]["guidance_scale"] != 7.5
+    assert "guidance_scale" not in training_view(base)["outputs"]["video"]["decoder"]["options"]
+    assert fp(guided) == fp(base)
+    assert fp(guided, whole_config=True) != fp(base, whole_config=True)  # the old way retrained them
+    for changed in ({"outputs.video.decoder.backend": "animatediff"},
+                    {"outputs.image.decoder.source": "/elsewhere"},
+                    {"outputs.image.num_signal_tokens": 2},
+                    {"outputs.audio.decoder.options.dtype": "bfloat16"}):
+        assert all(a != b for a, b in zip(fp(toy_config(root, **changed).to_dict()), fp(base))), changed
+
+
+def test_a_stage_recorded_the_old_way_is_reused_and_rewritten(tmp_path):
+    """A stage whose done.json holds its whole-config fingerprint (builds before generation
+    settings left the fingerprint) counts as done, and its marker is rewritten."""
+    from mmllm.toy.mmllm_build import DONE, _stage_done
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / DONE).write_text(json.dumps({"fingerprint": "old", "steps": 3}))
+    assert not _stage_done(tmp_path, "new")
+    assert not _stage_done(tmp_path, "new", legacy="other")
+    assert _stage_done(tmp_path, "new", legacy="old")
+    assert json.loads((tmp_path / DONE).read_text()) == {"fingerprint": "new", "steps": 3}
+    assert _stage_done(tmp_path, "new")
+
+
+def test_new_generation_settings_keep_the_stages_and_reach_the_model(built, tmp_path):
+    """Rebuilding with another video guidance retrains nothing, and the model renders with it."""
+    import shutil
+
+    root, path = built
+    shutil.copytree(root, tmp_path / "root")
+    stamps = lambda: {s: (tmp_path / "root" / "runs" / s / "done.json").stat().st_mtime_ns  # noqa: E731
+                      for s in ("stage1", "stage2", "align")}
+    before, logs = stamps(), []
+    path = build_default(tmp_path / "root", fast=True, settings=DefaultSettings.fast(), progress=False,
+                         config_overrides={**TINY_LLM, "outputs.video.decoder.options.guidance_scale": 7.5},
+                         log=logs.append)
+    assert stamps() == before and sum("reusing" in line for line in logs) == 3
+    info = json.loads((path / BUILD_INFO).read_text())
+    assert info["decoder_settings"]["video"]["guidance_scale"] == 7.5
+    model = mmllm.load(str(path))
+    assert model.config.outputs["video"].decoder.options["guidance_scale"] == 7.5
+    assert model.config.outputs["image"].decoder.options["guidance_scale"] == 6.0  # the preset's, untouched
+
+
 def test_later_settings_change_the_fingerprint_only_when_on():
     """Settings added after the shipped default was built (LATER_SETTINGS) are left out of
     the fingerprints while off, so that build stays valid; turned on, they retrain stage 2."""

@@ -178,20 +178,50 @@ class DefaultSettings:
         fingerprints and the data marker, so a build made before it existed stays valid."""
         return name in LATER_SETTINGS and getattr(self, name) == LATER_SETTINGS[name]
 
-    def stage_fingerprint(self, stage: str, components: dict, model_config: Optional[dict] = None) -> str:
+    def stage_fingerprint(self, stage: str, components: dict, model_config: Optional[dict] = None,
+                          whole_config: bool = False) -> str:
         """What a stage's result depends on: its settings, the data, the components it reads
         (``components.TRAINING_INPUTS``: their ``toy_component.json`` build ids) and the model
-        config. Retraining a decoder's UNet therefore keeps the stages."""
+        config without the decoders' generation settings (``training_view``). Retraining a
+        decoder's UNet, or changing its guidance, therefore keeps the stages.
+
+        ``whole_config=True`` hashes the whole config, as builds before 2026-12-06 recorded;
+        ``build_default`` still accepts those (and rewrites them), so such a build stays valid."""
         s1 = ("items", "dialogues", "qa_turns", "stage1_steps", "stage1_batch", "stage1_lr", "stage1_mix",
               "stage1_passes", "precision", "seed")
         s2 = (*s1, "describe_share", "focus_questions", "brief_requests", "stage2_steps", "stage2_batch",
               "stage2_group_by_length", "stage2_mix", "stage2_lr", "stage2_projector_lr", "lora")
         keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr", "align_examples",
                                                     "align_val_examples", "align_reinit")}[stage]
+        model_config = model_config or {}
         data = {"settings": {k: getattr(self, k) for k in keys if not self.is_off(k)},
                 "components": {k: (components.get(k) or {}).get("build_id") for k in TRAINING_INPUTS},
-                "model_config": model_config or {}}
+                "model_config": model_config if whole_config else training_view(model_config)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def decoder_settings(model_config: dict) -> dict:
+    """``{modality: settings}``: each output decoder's generation settings in a model config
+    dict (the options its backend lists in ``defaults``: guidance, steps, sizes). Only
+    rendering reads them; no stage does."""
+    from pipelines import DECODERS
+
+    out = {}
+    for modality, output in (model_config.get("outputs") or {}).items():
+        decoder = output.get("decoder") or {}
+        generation = DECODERS.get(decoder["backend"]).defaults
+        out[modality] = {k: v for k, v in (decoder.get("options") or {}).items() if k in generation}
+    return out
+
+
+def training_view(model_config: dict) -> dict:
+    """A model config dict without the decoders' generation settings (``decoder_settings``):
+    what the stages' fingerprints hash."""
+    view = json.loads(json.dumps(model_config))
+    for modality, settings in decoder_settings(model_config).items():
+        options = view["outputs"][modality]["decoder"]["options"]
+        view["outputs"][modality]["decoder"]["options"] = {k: v for k, v in options.items() if k not in settings}
+    return view
 
 
 def model_dir(root: str | os.PathLike | None = None) -> Path:
@@ -322,10 +352,25 @@ def _write_stage_files(directory: Path, settings: DefaultSettings) -> None:
 # --------------------------------------------------------------------------- stages
 
 
-def _stage_done(out: Path, fingerprint: str) -> bool:
-    marker = out / DONE
-    return (out / "model" / "config.json").is_file() and marker.is_file() and \
-        json.loads(marker.read_text()).get("fingerprint") == fingerprint
+def _recorded(marker: Path, fingerprint: str, legacy: Optional[str] = None) -> bool:
+    """True when the JSON file ``marker`` records ``fingerprint``, or ``legacy`` (the same
+    stage fingerprinted the old way, over the whole model config), which it then rewrites as
+    ``fingerprint``."""
+    if not marker.is_file():
+        return False
+    info = json.loads(marker.read_text())
+    if info.get("fingerprint") == fingerprint:
+        return True
+    if legacy is None or info.get("fingerprint") != legacy:
+        return False
+    tmp = marker.with_name(f".{marker.name}.tmp")
+    tmp.write_text(json.dumps({**info, "fingerprint": fingerprint}, indent=1))
+    os.replace(tmp, marker)
+    return True
+
+
+def _stage_done(out: Path, fingerprint: str, legacy: Optional[str] = None) -> bool:
+    return (out / "model" / "config.json").is_file() and _recorded(out / DONE, fingerprint, legacy)
 
 
 def _relocatable(model: Path, tree: Path) -> None:
@@ -342,16 +387,18 @@ def _relocatable(model: Path, tree: Path) -> None:
 
 
 def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, make_model: Callable,
-               log: Callable[[str], None]) -> dict:
-    """Train one stage into ``out`` unless it is already done; resume from a checkpoint."""
+               log: Callable[[str], None], legacy: Optional[str] = None) -> dict:
+    """Train one stage into ``out`` unless it is already done; resume from a checkpoint.
+    ``legacy``: the stage's old-style fingerprint (``stage_fingerprint(whole_config=True)``),
+    accepted too."""
     from mmllm.training import latest_checkpoint, train
 
-    if _stage_done(out, fingerprint):
+    if _stage_done(out, fingerprint, legacy):
         log(f"{name}: reusing {out / 'model'}")
         return json.loads((out / DONE).read_text())
     started = out / "fingerprint.json"
     resume = None
-    if started.is_file() and json.loads(started.read_text()).get("fingerprint") == fingerprint:
+    if _recorded(started, fingerprint, legacy):
         resume = "latest" if latest_checkpoint(out) is not None else None
     else:
         shutil.rmtree(out, ignore_errors=True)  # other settings: start over
@@ -376,13 +423,13 @@ def _run_stage(name: str, out: Path, fingerprint: str, make_config: Callable, ma
 
 
 def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[str], settings: DefaultSettings,
-               device: str, progress: bool, log: Callable[[str], None]) -> dict:
+               device: str, progress: bool, log: Callable[[str], None], legacy: Optional[str] = None) -> dict:
     """Decoding-side alignment of the stage-2 model's output projectors on its cached states
     at the generation conversations' signal tokens (``mmllm.training.align``)."""
     from mmllm.training import align_output_projectors, load_model
     from mmllm.training.config import mixed_precision
 
-    if _stage_done(out, fingerprint):
+    if _stage_done(out, fingerprint, legacy):
         log(f"align: reusing {out / 'model'}")
         return json.loads((out / DONE).read_text())
     shutil.rmtree(out, ignore_errors=True)
@@ -463,12 +510,14 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
                   save_every=settings.save_every, warmup_ratio=0.05, data_root=str(root / "data"))
     s1, s2 = root / "runs" / "stage1", root / "runs" / "stage2"
     # The whole model config (preset choices included), not just the overrides: a changed
-    # preset retrains the stages. Paths relative to the model dir, so a moved or symlinked
-    # root keeps its fingerprints.
+    # preset retrains the stages, unless only the decoders' generation settings changed
+    # (``training_view``). Paths relative to the model dir, so a moved or symlinked root
+    # keeps its fingerprints.
     final = model_dir(root)
     model_config = toy_config(root, **(config_overrides or {})).relative_to(final).to_dict()
-    fp1 = settings.stage_fingerprint("stage1", components, model_config)
-    fp2 = settings.stage_fingerprint("stage2", components, model_config)
+    fp1, fp2, fp3 = (settings.stage_fingerprint(s, components, model_config) for s in ("stage1", "stage2", "align"))
+    old1, old2, old3 = (settings.stage_fingerprint(s, components, model_config, whole_config=True)
+                        for s in ("stage1", "stage2", "align"))
 
     def model_for_stage1():
         return MMLLM.from_config(toy_config(root, **(config_overrides or {})), device=device)
@@ -482,7 +531,7 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
                                      batch_size=settings.stage1_batch, lr=settings.stage1_lr,
                                      file_passes=stage1_passes, resume=resume,
                                      **{**common, "mix": settings.stage1_mix}),
-        model_for_stage1, log)
+        model_for_stage1, log, legacy=old1)
     timings["stage1"] = round(time.time() - t, 1)
 
     t = time.time()
@@ -494,19 +543,20 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
                                      projector_lr=settings.stage2_projector_lr, lora=LoraConfig(**settings.lora),
                                      group_by_length=settings.stage2_group_by_length, resume=resume,
                                      **{**common, "mix": settings.stage2_mix}),
-        lambda: load_model(str(s1)).to(device), log)
+        lambda: load_model(str(s1)).to(device), log, legacy=old2)
     timings["stage2"] = round(time.time() - t, 1)
 
     t = time.time()
     s3 = root / "runs" / "align"
-    fp3 = settings.stage_fingerprint("align", components, model_config)
-    info3 = _run_align(s3, fp3, s2, files["requests"], settings, device, progress, log)
+    info3 = _run_align(s3, fp3, s2, files["requests"], settings, device, progress, log, legacy=old3)
     timings["align"] = round(time.time() - t, 1)
 
     built = json.loads((final / BUILD_INFO).read_text()) if is_built(root) else {}
     component_ids = {k: (v or {}).get("build_id") for k, v in components.items()}
-    # A rebuilt decoder keeps the stages but is re-recorded (the model dir names it relatively).
-    if force or built.get("align") != fp3 or built.get("components") != component_ids:
+    generation = decoder_settings(model_config)
+    # A rebuilt decoder, or new generation settings, keep the stages but are re-recorded.
+    if force or built.get("align") != fp3 or built.get("components") != component_ids or \
+            built.get("decoder_settings") != generation:
         from mmllm.fileio import atomic_directory
 
         with atomic_directory(final) as tmp:
@@ -515,14 +565,19 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
             # The stage dirs name the components relative to the root (../../../clip); the
             # model dir names its siblings (../clip), so the whole root can move.
             config = MMLLMConfig.from_json(s3 / "model" / CONFIG_NAME).resolved(s3 / "model")
+            # The stages may have been trained under other generation settings; the model
+            # renders with the current ones (the rest of each decoder's options are fingerprinted).
+            for modality, output in config.outputs.items():
+                output.decoder.options = dict(model_config["outputs"][modality]["decoder"]["options"])
             config.relative_to(final).to_json(tmp / CONFIG_NAME)
             info = {"stage1": fp1, "stage2": fp2, "align": fp3, "settings": asdict(settings), "device": str(device),
                     "torch_threads": torch.get_num_threads(), "fast": fast, "timings_s": timings,
                     "stage1_run": info1, "stage2_run": info2, "align_run": info3,
-                    "components": component_ids, "built_at": time.time()}
+                    "components": component_ids, "decoder_settings": generation, "built_at": time.time()}
             (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: marks it complete
     log(f"toy MMLLM ready in {final} ({time.time() - t0:.0f} s this run; mmllm.load() now uses it)")
     return final
 
 
-__all__ = ["DefaultSettings", "HINT", "build_default", "is_built", "model_dir", "write_data"]
+__all__ = ["DefaultSettings", "HINT", "build_default", "decoder_settings", "is_built", "model_dir", "training_view",
+           "write_data"]
