@@ -189,6 +189,14 @@ def synthetic_tokenizer(vocab_size: int, directory: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
+def temporary_tokenizer(vocab_size: int):
+    """``synthetic_tokenizer`` in a temporary directory, removed on exit (the model reads it
+    when it is built)."""
+    with tempfile.TemporaryDirectory(prefix="mmllm-bench-tok-") as directory:
+        yield synthetic_tokenizer(vocab_size, directory)
+
+
+@contextlib.contextmanager
 def build_on(device: torch.device):
     """Allocate (and randomly initialise) new modules directly on ``device``: a 7B random init on
     the GPU takes seconds, on the CPU minutes."""
@@ -205,7 +213,8 @@ def build_mmllm(sh: Shapes, device: torch.device, dtype: torch.dtype, tokenizer_
     from mmllm.config import MMLLMConfig
 
     if tokenizer_dir is None:
-        tokenizer_dir = synthetic_tokenizer(sh.image_token_id, tempfile.mkdtemp(prefix="mmllm-bench-tok-"))
+        with temporary_tokenizer(sh.image_token_id) as directory:
+            return build_mmllm(sh, device, dtype, directory)
     cfg = MMLLMConfig.from_preset("llava-1.5-7b", **{
         "llm": {"source": None, "tokenizer": tokenizer_dir, "init": "random", "arch": sh.llm,
                 "attn_implementation": "sdpa", "dtype": str(dtype).removeprefix("torch.")},

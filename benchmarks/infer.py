@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -127,9 +126,8 @@ def run(scale: str = "llava-1.5-7b", device=None, dtype=None, batches=(1, 8), ne
     info = common.device_info(device)
     size = sh.vision["image_size"]
     image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    tok_dir = common.synthetic_tokenizer(sh.image_token_id, tempfile.mkdtemp(prefix="mmllm-bench-tok-"))
     rows, tokens = [], {}
-    model = common.build_mmllm(sh, device, dtype, tok_dir)
+    model = common.build_mmllm(sh, device, dtype)
     inputs = {b: peer_inputs(model, image, b) for b in batches}
     prompt_len = inputs[batches[0]].input_ids.shape[1]
     for impl in [i for i in impls if i.startswith("mmllm")]:

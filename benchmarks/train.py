@@ -23,8 +23,8 @@ caption tokens (LLaVA's stage-1 "plain" template).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-import tempfile
 
 import torch
 
@@ -174,13 +174,16 @@ def run(scale: str = "llava-1.5-7b", device=None, dtype=None, batch: int = 16, t
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     sh = common.shapes(scale)
     info = common.device_info(device)
-    if tokenizer_dir is None:  # one tokenizer for every mmllm build
-        tokenizer_dir = common.synthetic_tokenizer(sh.image_token_id, tempfile.mkdtemp(prefix="mmllm-bench-tok-"))
     rows = []
-    for stage in stages:
-        for variant in (variants1 if stage == 1 else variants2):
-            rows.append(run_variant(variant, stage, sh, device, dtype, batch, text_len, warmup, steps, tokenizer_dir))
-            print(f"  stage {stage} {variant}: {common.fmt(rows[-1].get('samples_s'))} samples/s", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        if tokenizer_dir is None:  # one tokenizer for every mmllm build
+            tokenizer_dir = stack.enter_context(common.temporary_tokenizer(sh.image_token_id))
+        for stage in stages:
+            for variant in (variants1 if stage == 1 else variants2):
+                rows.append(run_variant(variant, stage, sh, device, dtype, batch, text_len, warmup, steps,
+                                        tokenizer_dir))
+                print(f"  stage {stage} {variant}: {common.fmt(rows[-1].get('samples_s'))} samples/s",
+                      file=sys.stderr)
     add_mfu(rows, info)
     add_ratios(rows)
     return {"benchmark": "train", "scale": scale, "dtype": str(dtype), "env": info, "rows": rows,

@@ -15,6 +15,24 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temp_dir_under_pytest(tmp_path_factory):
+    """What the tests, the code they run and its subprocesses put in the temp dir (the demo's
+    work dirs, torchrun's rendezvous files) lands under pytest's own base temp, which pytest
+    prunes to the last three runs, instead of piling up in /tmp run after run."""
+    import tempfile
+
+    path = str(tmp_path_factory.mktemp("tmp"))
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = path, path
+    yield
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,8 @@ def sh():
 
 
 @pytest.fixture(scope="module")
-def tok_dir(sh):
-    return common.synthetic_tokenizer(sh.image_token_id, tempfile.mkdtemp(prefix="bench-tok-"))
+def tok_dir(sh, tmp_path_factory):
+    return common.synthetic_tokenizer(sh.image_token_id, tmp_path_factory.mktemp("bench-tok"))
 
 
 def _finite_positive(x) -> bool:

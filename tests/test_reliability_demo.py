@@ -8,7 +8,6 @@ Numbers are printed (``-s`` shows them) and recorded in docs/RELIABILITY.md.
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 
@@ -104,11 +103,11 @@ def _own_exchange(i: int, chat: list) -> tuple[str, str | None]:
 
 
 @pytest.fixture
-def page():
+def page(tmp_path):
     pages = []
 
     def launch(model, **kw):
-        app = build_demo(model, workdir=tempfile.mkdtemp(prefix="mmllm-load-"), **kw)
+        app = build_demo(model, workdir=tmp_path / f"demo-{len(pages)}", **kw)
         app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
         assert app.local_url.startswith("http://127.0.0.1:")
         pages.append(app)
@@ -119,7 +118,7 @@ def page():
         app.close()
 
 
-def test_twenty_users_on_the_tiny_model_are_all_answered(page):
+def test_twenty_users_on_the_tiny_model_are_all_answered(page, tmp_path):
     """The tiny preset, 2 requests generated at a time, 20 waiting places: every user gets a reply,
     their own (the prompt shown back is theirs), and none is lost."""
     model = mmllm.load("tiny")
@@ -138,7 +137,7 @@ def test_twenty_users_on_the_tiny_model_are_all_answered(page):
     for i in range(USERS):
         _, reply = _own_exchange(i, outcomes[i][1])
         steps = list(respond(model, f"User {i}: describe a red circle.", [],
-                             Settings(MAX_NEW_TOKENS, 1.0, 1.0, i, 7.5, 1, 2, 1.0), Limits(), tempfile.mkdtemp()))
+                             Settings(MAX_NEW_TOKENS, 1.0, 1.0, i, 7.5, 1, 2, 1.0), Limits(), tmp_path))
         same += reply == steps[-1][1][-1].reply
     print(f"replies equal to the same request served alone: {same}/{USERS}")
     assert rss.growth_mb < RSS_GROWTH_BUDGET_MB, f"RSS grew {rss.growth_mb:.0f} MB"
@@ -187,7 +186,7 @@ def test_twenty_users_past_the_queue_get_a_clear_busy_answer(page):
     assert rss.growth_mb < RSS_GROWTH_BUDGET_MB, f"RSS grew {rss.growth_mb:.0f} MB"
 
 
-def test_seeded_replies_reproduce_when_requests_run_one_at_a_time(page):
+def test_seeded_replies_reproduce_when_requests_run_one_at_a_time(page, tmp_path):
     """With concurrency 1, six simultaneous users each get exactly the reply their seed gives when the
     request is served alone. (With concurrency > 1 they do not: ``generate`` seeds the process-wide
     torch RNG and concurrent requests draw from it in turn; see docs/RELIABILITY.md, "Many users".)"""
@@ -198,5 +197,5 @@ def test_seeded_replies_reproduce_when_requests_run_one_at_a_time(page):
         assert run["outcomes"][i][0] == "answered", run["outcomes"][i]
         _, reply = _own_exchange(i, run["outcomes"][i][1])
         alone = list(respond(model, f"User {i}: describe a red circle.", [],
-                             Settings(MAX_NEW_TOKENS, 1.0, 1.0, i, 7.5, 1, 2, 1.0), Limits(), tempfile.mkdtemp()))
+                             Settings(MAX_NEW_TOKENS, 1.0, 1.0, i, 7.5, 1, 2, 1.0), Limits(), tmp_path))
         assert reply == alone[-1][1][-1].reply and reply, i
