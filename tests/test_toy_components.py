@@ -240,6 +240,26 @@ def test_logistic_probe_reads_a_linearly_coded_label_and_not_noise():
     assert sum(p == v for p, v in zip(noise, labels[60:])) < 0.7 * 30
 
 
+def test_vae_roundtrip_scores_what_the_autoencoder_keeps():
+    """A lossless autoencoder keeps every attribute; one that blurs edges (a 3x3 box blur)
+    keeps colour, position and count but loses shape."""
+    from types import SimpleNamespace
+
+    from mmllm.toy.quality import vae_roundtrip
+
+    def autoencoder(decode):
+        return SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x)),
+                               decode=lambda z: SimpleNamespace(sample=decode(z)))
+
+    exact = vae_roundtrip(autoencoder(lambda z: z), n=16)
+    assert exact["held_in"] == exact["held_out"] == {k: 1.0 for k in exact["held_in"]}
+    blur = torch.nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+    blurred = vae_roundtrip(autoencoder(blur), n=16)
+    for split in ("held_in", "held_out"):
+        assert blurred[split]["colour"] == blurred[split]["position"] == blurred[split]["count"] == 1.0
+        assert blurred[split]["shape"] < 0.7
+
+
 def test_image_feature_probes_report_every_feature_attribute_and_newcomer_image(root, capsys, load_script):
     from mmllm.toy.quality import IMAGE_FEATURES, image_feature_probes
 

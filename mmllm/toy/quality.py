@@ -5,6 +5,9 @@ projectors will see them) trained on the ``train`` split and scored on fresh ``t
 items ("held-in") and on held-out attribute pairs ("held-out"); plus CLIP zero-shot
 attribute classification (image vs canonical captions differing in one attribute).
 
+VAE: world images encoded and decoded, read back by the image oracle (the ceiling of every
+decoder that draws through it).
+
 Decoders: each decoder is fed its own text encoder's conditioning of canonical captions
 (exactly the stage-1 L2 target) through the real backend, and the oracle reads the
 generated media back (``analyse_image`` / ``analyse_audio`` / ``analyse_video``).
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from . import oracle, world
-from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES, default_root, video_decoder_backend
+from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES, default_root, to_unit, video_decoder_backend
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -216,6 +219,22 @@ def _features_out(x):
 
 
 @torch.no_grad()
+def vae_roundtrip(vae, n: int = 96, seed: int = 0) -> dict:
+    """Oracle accuracies of world images encoded and decoded by ``vae`` (a diffusers
+    ``AutoencoderKL``, or anything with its ``encode(x).latent_dist.mode()`` and
+    ``decode(z).sample``), held-in and held-out: what any decoder built on it can draw at best."""
+    rng = _rng(seed, "vae")
+    report = {}
+    for split_name, split in (("held_in", "train"), ("held_out", "test")):
+        specs = _specs("image", split, n, rng)
+        x = to_unit(np.stack([world.render_image(s, IMAGE_SIZE) for s in specs]))  # (N, 3, H, W) in [-1, 1]
+        out = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        back = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).numpy()
+        report[split_name] = oracle.score_batch([oracle.analyse_image(b) for b in back], specs)
+    return report
+
+
+@torch.no_grad()
 def evaluate_decoders(root: Path, n: int = 48, seed: int = 0, steps: int = 20, guidance: float = 3.0,
                       device: str = "cpu", batch: int = 16, progress: bool = True) -> dict:
     """Oracle accuracies of media generated from canonical captions, held-in and held-out."""
@@ -249,9 +268,12 @@ def evaluate_decoders(root: Path, n: int = 48, seed: int = 0, steps: int = 20, g
 
 def evaluate_components(root: str | os.PathLike | None = None, n: int = 48, seed: int = 0, device: str = "cpu",
                         progress: bool = True, probe_n: Optional[int] = None) -> dict:
-    """Both evaluations; also written to ``<root>/quality.json``."""
+    """The encoders', the VAE's and the decoders' evaluations; also written to ``<root>/quality.json``."""
     root = Path(root) if root is not None else default_root()
+    from diffusers import AutoencoderKL
+
     report = {"encoders": evaluate_encoders(root, n=probe_n or max(60, 6 * n), seed=seed),
+              "vae": vae_roundtrip(AutoencoderKL.from_pretrained(root / "vae").eval(), seed=seed),
               "decoders": evaluate_decoders(root, n=n, seed=seed, device=device, progress=progress),
               "settings": {"n": n, "seed": seed}}
     (root / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
