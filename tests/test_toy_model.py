@@ -148,7 +148,7 @@ def test_generation_settings_stay_out_of_the_stage_fingerprints(built):
     """The decoders' generation settings (guidance, steps, sizes) are rendering-only, so
     changing them keeps every stage; what the stages read (a decoder's backend, its text
     tower's source, the projectors) still retrains them."""
-    from mmllm.toy.mmllm_build import decoder_settings, training_view
+    from mmllm.toy.mmllm_build import generation_settings, training_view
     from mmllm.toy.preset import toy_config
 
     root, _ = built
@@ -158,8 +158,8 @@ def test_generation_settings_stay_out_of_the_stage_fingerprints(built):
                             for s in ("stage1", "stage2", "align")]
     guided = toy_config(root, **{"outputs.video.decoder.options.guidance_scale": 7.5,
                                    "outputs.image.decoder.options.num_inference_steps": 50}).to_dict()
-    assert decoder_settings(guided)["video"]["guidance_scale"] == 7.5
-    assert decoder_settings(base)["video"]["guidance_scale"] != 7.5
+    assert generation_settings(guided)["video"]["guidance_scale"] == 7.5
+    assert generation_settings(base)["video"]["guidance_scale"] != 7.5
     assert "guidance_scale" not in training_view(base)["outputs"]["video"]["decoder"]["options"]
     assert fp(guided) == fp(base)
     assert fp(guided, whole_config=True) != fp(base, whole_config=True)  # the old way retrained them
@@ -199,7 +199,7 @@ def test_new_generation_settings_keep_the_stages_and_reach_the_model(built, tmp_
                          log=logs.append)
     assert stamps() == before and sum("reusing" in line for line in logs) == 3
     info = json.loads((path / BUILD_INFO).read_text())
-    assert info["decoder_settings"]["video"]["guidance_scale"] == 7.5
+    assert info["generation_settings"]["video"]["guidance_scale"] == 7.5
     model = mmllm.load(str(path))
     assert model.config.outputs["video"].decoder.options["guidance_scale"] == 7.5
     assert model.config.outputs["image"].decoder.options["guidance_scale"] == 6.0  # the preset's, untouched

@@ -521,9 +521,10 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
     vae.to("cpu").save_pretrained(out)
     from .quality import vae_roundtrip  # the oracle's reading of its images: every decoder's ceiling
 
-    roundtrip = vae_roundtrip(vae, n=48, seed=seed)
+    roundtrip = {split: {k: round(v, 3) for k, v in scores.items()}
+                 for split, scores in vae_roundtrip(vae, n=48, seed=seed).items()}
     return {**loss_summary(losses), "recon_mse": recon_mse, "scaling_factor": vae.config.scaling_factor,
-            "oracle_roundtrip": {split: {k: round(v, 3) for k, v in scores.items()} for split, scores in roundtrip.items()}}
+            "oracle_roundtrip": roundtrip}
 
 
 def _scheduler():
@@ -604,15 +605,22 @@ def _save_sd(out: Path, vae, text_encoder, tokenizer, unet) -> None:
                             requires_safety_checker=False).save_pretrained(out)
 
 
+def _plain_text_model(tower, config):
+    """``tower``'s text transformer (a ``CLIPModel``'s or a ``CLIPTextModelWithProjection``'s)
+    as a ``CLIPTextModel`` (what SD pipelines hold), without its projection."""
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel(config)
+    text.load_state_dict(tower.text_model.state_dict())
+    return text.eval()
+
+
 def clip_text_encoder(clip_dir: str | os.PathLike):
-    """The text tower of a saved CLIPModel as a ``CLIPTextModel`` (what SD pipelines hold)."""
-    from transformers import CLIPModel, CLIPTextModel
+    """The text tower of a saved CLIPModel as a ``CLIPTextModel``."""
+    from transformers import CLIPModel
 
     clip = CLIPModel.from_pretrained(clip_dir)
-    text = CLIPTextModel(clip.config.text_config)
-    prefix = "text_model."
-    text.load_state_dict({k[len(prefix):]: v for k, v in clip.state_dict().items() if k.startswith(prefix)})
-    return text.eval()
+    return _plain_text_model(clip, clip.config.text_config)
 
 
 def build_image_decoder(out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
@@ -640,14 +648,15 @@ def build_audio_decoder(out: Path, root: Path, settings: BuildSettings, device: 
                         progress: bool) -> dict:
     from diffusers import AutoencoderKL
     from pipelines.spectrogram import MelSpectrogramSpec
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     rng = _rng(seed, "audio_decoder")
     torch.manual_seed(seed)
     mel = MelSpectrogramSpec()
     vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
     text_dir = root / "audio_encoder" / "text_encoder"
-    text_encoder = CLIPTextModel.from_pretrained(text_dir)
+    tower = CLIPTextModelWithProjection.from_pretrained(text_dir)  # as the audio encoder trained it
+    text_encoder = _plain_text_model(tower, tower.config)
     tokenizer = CLIPTokenizer.from_pretrained(text_dir)
     specs, waves = audio_pool(settings.pool["audio"], rng, settings.split)
     pixels = spectrogram_images(waves, mel)

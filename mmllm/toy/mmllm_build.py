@@ -200,7 +200,7 @@ class DefaultSettings:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def decoder_settings(model_config: dict) -> dict:
+def generation_settings(model_config: dict) -> dict:
     """``{modality: settings}``: each output decoder's generation settings in a model config
     dict (the options its backend lists in ``defaults``: guidance, steps, sizes). Only
     rendering reads them; no stage does."""
@@ -215,10 +215,10 @@ def decoder_settings(model_config: dict) -> dict:
 
 
 def training_view(model_config: dict) -> dict:
-    """A model config dict without the decoders' generation settings (``decoder_settings``):
+    """A model config dict without the decoders' generation settings (``generation_settings``):
     what the stages' fingerprints hash."""
     view = json.loads(json.dumps(model_config))
-    for modality, settings in decoder_settings(model_config).items():
+    for modality, settings in generation_settings(model_config).items():
         options = view["outputs"][modality]["decoder"]["options"]
         view["outputs"][modality]["decoder"]["options"] = {k: v for k, v in options.items() if k not in settings}
     return view
@@ -553,10 +553,10 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
 
     built = json.loads((final / BUILD_INFO).read_text()) if is_built(root) else {}
     component_ids = {k: (v or {}).get("build_id") for k, v in components.items()}
-    generation = decoder_settings(model_config)
+    generation = generation_settings(model_config)
     # A rebuilt decoder, or new generation settings, keep the stages but are re-recorded.
     if force or built.get("align") != fp3 or built.get("components") != component_ids or \
-            built.get("decoder_settings") != generation:
+            built.get("generation_settings") != generation:
         from mmllm.fileio import atomic_directory
 
         with atomic_directory(final) as tmp:
@@ -573,11 +573,11 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
             info = {"stage1": fp1, "stage2": fp2, "align": fp3, "settings": asdict(settings), "device": str(device),
                     "torch_threads": torch.get_num_threads(), "fast": fast, "timings_s": timings,
                     "stage1_run": info1, "stage2_run": info2, "align_run": info3,
-                    "components": component_ids, "decoder_settings": generation, "built_at": time.time()}
+                    "components": component_ids, "generation_settings": generation, "built_at": time.time()}
             (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: marks it complete
     log(f"toy MMLLM ready in {final} ({time.time() - t0:.0f} s this run; mmllm.load() now uses it)")
     return final
 
 
-__all__ = ["DefaultSettings", "HINT", "build_default", "decoder_settings", "is_built", "model_dir", "training_view",
-           "write_data"]
+__all__ = ["DefaultSettings", "HINT", "build_default", "generation_settings", "is_built", "model_dir",
+           "training_view", "write_data"]
