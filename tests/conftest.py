@@ -23,14 +23,10 @@ def _temp_dir_under_pytest(tmp_path_factory):
     import tempfile
 
     path = str(tmp_path_factory.mktemp("tmp"))
-    saved = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"], tempfile.tempdir = path, path
-    yield
-    if saved[0] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved[0]
-    tempfile.tempdir = saved[1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", path)
+        patch.setattr(tempfile, "tempdir", path)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -269,9 +269,9 @@ def evaluate_decoders(root: Path, n: int = 48, seed: int = 0, steps: int = 20, g
 def evaluate_components(root: str | os.PathLike | None = None, n: int = 48, seed: int = 0, device: str = "cpu",
                         progress: bool = True, probe_n: Optional[int] = None) -> dict:
     """The encoders', the VAE's and the decoders' evaluations; also written to ``<root>/quality.json``."""
-    root = Path(root) if root is not None else default_root()
     from diffusers import AutoencoderKL
 
+    root = Path(root) if root is not None else default_root()
     report = {"encoders": evaluate_encoders(root, n=probe_n or max(60, 6 * n), seed=seed),
               "vae": vae_roundtrip(AutoencoderKL.from_pretrained(root / "vae").eval(), seed=seed),
               "decoders": evaluate_decoders(root, n=n, seed=seed, device=device, progress=progress),
