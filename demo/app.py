@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import gradio as gr
@@ -47,11 +49,13 @@ def build_demo(model, *, model_name: str = "model", max_upload_mb: float = 20.0,
                ) -> gr.Blocks:
     """The chat page for ``model`` (anything with ``mmllm``'s ``generate`` interface).
 
-    ``workdir`` holds the example media and generated outputs (a new temp dir if None);
-    uploads must come from there or from Gradio's upload folder. ``sampling`` sets the
+    ``workdir`` holds the example media and generated outputs (if None, a new temp dir that
+    is removed with the page, or at exit); uploads must come from there or from Gradio's
+    upload folder. ``sampling`` sets the
     panel's starting max new tokens, temperature, top-p and seed. At most ``concurrency``
     requests run at once and ``max_queue`` wait; beyond that Gradio answers that the queue is full.
     """
+    own_workdir = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mmllm-demo-"))
     out_dir = workdir / "outputs"
     reads, writes = input_modalities(model), output_modalities(model)
@@ -133,4 +137,6 @@ def build_demo(model, *, model_name: str = "model", max_upload_mb: float = 20.0,
             trigger(on_clear, None, [chatbot, turns, box])
 
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    if own_workdir:
+        weakref.finalize(demo, shutil.rmtree, workdir, True)
     return demo

@@ -4,6 +4,7 @@ preset or ``demo.fake.EchoModel``; nothing is downloaded."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -272,3 +273,20 @@ def _wait_for(condition, timeout=20.0):
     while not condition():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.05)
+
+
+def test_a_demo_without_workdir_removes_its_temp_dir_at_exit(tmp_path):
+    """Gradio keeps a built page alive, so the page's own temp dir goes when the process ends."""
+    import subprocess
+    import sys
+
+    code = ("import glob, os, tempfile; from demo.app import build_demo; from demo.fake import EchoModel; "
+            "page = build_demo(EchoModel()); "
+            "print(*glob.glob(os.path.join(tempfile.gettempdir(), 'mmllm-demo-*', 'examples', 'red-circle.*')))")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    example = Path(done.stdout.strip())
+    assert example.parent.parent.parent == tmp_path  # the page wrote its examples there
+    assert not example.exists() and not list(tmp_path.glob("mmllm-demo-*"))

@@ -145,11 +145,13 @@ class DefaultSettings:
     @classmethod
     def quick(cls) -> "DefaultSettings":
         """The stages of ``build_default.py --quick`` (under 30 minutes from nothing on 2 CPU
-        cores with ``BuildSettings.quick()``): the default recipe with a fifth of stage 2, half of
-        the align steps on 400 requests per output modality, and a stage 1 that reads the image
-        captions twice and first. Align steps cost 0.03 s each and 2000 left the projectors
-        underfitted (held-back L2 image 0.35, 4000: 0.18); caching every request costs 130 s
-        more (docs/RESULTS.md, "The quick build"). Its stages and the align step's LLM pass run
+        cores with ``BuildSettings.quick()``): the default recipe with a fifth of stage 2, three
+        quarters of the align steps on 400 requests per output modality, and a stage 1 that
+        reads the image captions twice and first. Align steps cost 0.03 s each, and the image
+        projector is the one they underfit: held-back L2 image 0.35 after 2000, 0.18 after 4000
+        and 0.11 after 8000, where 800 requests and 4000 steps gave 0.15 for more time (the
+        extra requests' LLM pass; docs/RESULTS.md, "The quick build" and "The quick build back
+        under 30 minutes"). Its stages and the align step's LLM pass run
         in bf16 mixed precision where the machine has it natively (``precision="auto"``).
 
         Stage 1 is one epoch (``stage1_steps=0``). The image projector alone reads colour only
@@ -159,10 +161,15 @@ class DefaultSettings:
         the align step refits from a fresh start anyway. It named 8-11 of 24 newcomer pairs
         where the alternating 30-step stage 1 named 3-5 (docs/RESULTS.md, "The image-first
         stage 1, adopted for `--quick`"). Stage 2 at 300 or 360 steps read images no better in
-        single rebuilds (docs/RESULTS.md, "A longer quick stage 2")."""
+        single rebuilds (docs/RESULTS.md, "A longer quick stage 2").
+
+        Stage 2 batches examples of similar length (``stage2_group_by_length=8``): the same
+        examples with less padding, 24 steps in 43-47 s against 61 s, which keeps the build
+        under 30 minutes (docs/RESULTS.md, "The quick build back under 30 minutes")."""
         return cls(stage1_steps=0, stage1_mix="sequential",
                    stage1_passes={"image": 2, "audio": 0.125, "video": 0.125, "generation": 0},
-                   stage2_steps=240, align_steps=4000, align_examples=400, precision="auto")
+                   stage2_steps=240, stage2_group_by_length=8, align_steps=6000, align_examples=400,
+                   precision="auto")
 
     @classmethod
     def smoke(cls) -> "DefaultSettings":
