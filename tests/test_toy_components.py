@@ -1,5 +1,7 @@
 """Toy frozen components: built from nothing, loaded through the real backends."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,30 @@ def test_changed_recipe_rebuilds_that_component_and_its_dependents(root, tmp_pat
     assert not is_complete(copy, "video_decoder")  # built on the old CLIP
 
 
+def test_a_decoder_alone_on_every_pair_rebuilds_only_that_decoder(root, tmp_path, monkeypatch):
+    """``split={"image_decoder": "all"}``: the image decoder sees held-out pairs, as a
+    web-pretrained Stable Diffusion would; CLIP and the VAE keep their train-split builds."""
+    import shutil
+
+    from mmllm.toy import components
+
+    copy = tmp_path / "toy"
+    shutil.copytree(root, copy)
+    seen = []
+
+    def pool(n, rng, split="train"):
+        seen.append(split)
+        return image_pool(n, rng, split)
+
+    image_pool = components.image_pool
+    monkeypatch.setattr(components, "image_pool", pool)
+    settings = dataclasses.replace(BuildSettings.fast(), split={"image_decoder": "all"})
+    before = {n: (copy / n / MARKER).read_text() for n in ("clip", "vae")}
+    build_components(copy, settings=settings, progress=False, only=["image_decoder"], log=lambda _: None)
+    assert seen == ["all"]  # only the image decoder was built, on every pair
+    assert {n: (copy / n / MARKER).read_text() for n in ("clip", "vae")} == before
+    assert is_complete(copy, "image_decoder", settings) and not is_complete(copy, "image_decoder", BuildSettings.fast())
+
 def test_motion_video_unet_rebuilds_only_the_video_decoder_as_animatediff(root, tmp_path):
     import shutil
 
@@ -100,6 +126,11 @@ def test_split_all_shows_components_held_out_pairs_and_train_recipes_stay_valid(
 
     assert "split" not in BuildSettings().recipe("clip")  # train-split builds keep their recipes
     assert BuildSettings(split="all").recipe("image_decoder")["split"] == "all"
+    decoders_only = BuildSettings(split={"image_decoder": "all", "video_decoder": "all"})
+    assert [decoders_only.recipe(c).get("split") for c in ("clip", "vae", "image_decoder", "video_decoder")] == \
+        [None, None, "all", "all"]  # the encoders and the VAE keep their train-split builds
+    with pytest.raises(KeyError, match="image_decodr"):
+        BuildSettings(split={"image_decodr": "all"}).recipe("clip")
     rng = np.random.default_rng(0)
     assert any(len(shape_group(rng, "all")[0]) == len(world.SHAPES) for _ in range(20))
     for pool in (image_pool, audio_pool):

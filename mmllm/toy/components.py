@@ -23,7 +23,8 @@ in a temporary directory and renamed into place, so an interrupted build leaves 
 half-written. By default everything trains on the ``train`` split only, so held-out
 attribute pairs measure compositional generalisation (``mmllm.toy.quality``);
 ``BuildSettings(split="all")`` shows the frozen components every pair, as web-scale
-pretraining would, while the MMLLM's stages still see the train split alone.
+pretraining would, while the MMLLM's stages still see the train split alone;
+``split={"image_decoder": "all"}`` does so for the named components only.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ class BuildSettings:
     # yellow circle" although the MMLLM's own training data never shows one. The stages'
     # data are the train split either way (docs/TOY.md, "Which split the components see").
     # Measured with "all" (eighth build): better encoder features, the same memorised pairs
-    # in the LLM's answers, so the default stays "train".
-    split: str = "train"
+    # in the LLM's answers, so the default stays "train". A dict sets it per component
+    # ({"image_decoder": "all"}; the others "train"): ``split_of``.
+    split: str | dict = "train"
     # The video decoder's UNet (``VIDEO_UNETS``). "motion" trains 22 % faster per step; on the
     # old noise schedule it drew direction no better than the UNet3D (both at chance), and
     # on the zero-SNR one it is untested (docs/TOY.md, "Zero terminal SNR").
@@ -168,6 +170,15 @@ class BuildSettings:
             raise KeyError(f"unknown component(s) {unknown} in steps; valid: {list(COMPONENTS)}")
         return replace(self, steps={**self.steps, **(steps or {})})
 
+    def split_of(self, name: str) -> str:
+        """The world split component ``name`` trains on (``split``: one for all, or per component)."""
+        if isinstance(self.split, str):
+            return self.split
+        unknown = sorted(set(self.split) - set(COMPONENTS))
+        if unknown:
+            raise KeyError(f"BuildSettings.split names unknown component(s) {unknown}; valid: {list(COMPONENTS)}")
+        return self.split.get(name, "train")
+
     def recipe(self, name: str) -> dict:
         """The settings ``name``'s build reads (JSON data): recorded in its marker, and a
         component whose recorded recipe differs is rebuilt."""
@@ -180,8 +191,8 @@ class BuildSettings:
             out.update(caption_dropout=self.caption_dropout, canonical_fraction=self.canonical_fraction,
                        zero_terminal_snr=SCHEDULE["rescale_betas_zero_snr"],  # decoders built before
                        prediction=PREDICTION)  # 2026-12-06 lack these two and rebuild
-        if self.split != "train":  # recorded only when changed: the train-split builds stay valid
-            out["split"] = self.split
+        if self.split_of(name) != "train":  # recorded only when changed: train-split builds stay valid
+            out["split"] = self.split_of(name)
         if name == "video_decoder" and self.video_unet != "unet3d":  # likewise
             out["video_unet"] = self.video_unet
         return out
@@ -398,7 +409,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
         projection_dim=64,
     )
     model = CLIPModel(config).to(device).train()
-    specs, images = image_pool(settings.pool["image"], rng, settings.split)
+    specs, images = image_pool(settings.pool["image"], rng, settings.split_of("clip"))
     pixels = unit_rgb(images)
     mean, std = pixels.mean((0, 2, 3)).view(1, 3, 1, 1), pixels.std((0, 2, 3)).view(1, 3, 1, 1)
     pixels = (pixels - mean) / std
@@ -410,7 +421,7 @@ def build_clip(out: Path, settings: BuildSettings, device: str, seed: int, progr
         idx = rng.choice(len(specs), size=n_random, replace=False)
         batch_specs, batch_pixels = [specs[i] for i in idx], [pixels[idx]]
         for _ in range(groups):
-            group_specs, group_images = shape_group(rng, settings.split)
+            group_specs, group_images = shape_group(rng, settings.split_of("clip"))
             batch_specs += group_specs
             batch_pixels.append((unit_rgb(group_images) - mean) / std)
         captions = [sample_caption(spec, rng) for spec in batch_specs]
@@ -442,7 +453,7 @@ def build_audio_encoder(out: Path, clip_dir: Path, settings: BuildSettings, devi
     rng = _rng(seed, "audio_encoder")
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-    specs, waves = audio_pool(settings.pool["audio"], rng, settings.split)
+    specs, waves = audio_pool(settings.pool["audio"], rng, settings.split_of("audio_encoder"))
     extractor = ASTFeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, num_mel_bins=32, max_length=100,
                                     do_normalize=False)
     feats = extractor(list(waves), sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_values"]  # (N, 100, 32)
@@ -489,9 +500,9 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
 
     rng = _rng(seed, "vae")
     torch.manual_seed(seed)
-    _, images = image_pool(settings.pool["image"] // 2, rng, settings.split)
-    _, videos = video_pool(max(1, settings.pool["video"] // 8), rng, settings.split)
-    _, waves = audio_pool(settings.pool["audio"] // 2, rng, settings.split)
+    _, images = image_pool(settings.pool["image"] // 2, rng, settings.split_of("vae"))
+    _, videos = video_pool(max(1, settings.pool["video"] // 8), rng, settings.split_of("vae"))
+    _, waves = audio_pool(settings.pool["audio"] // 2, rng, settings.split_of("vae"))
     square = torch.cat([to_unit(images), to_unit(videos.reshape(-1, *videos.shape[2:]))])  # (N, 3, 32, 32)
     spectro = spectrogram_images(waves, MelSpectrogramSpec())  # (M, 3, 16, 64)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
@@ -634,7 +645,7 @@ def build_image_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
     text_encoder = clip_text_encoder(root / "clip")
     tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
-    specs, images = image_pool(settings.pool["image"], rng, settings.split)
+    specs, images = image_pool(settings.pool["image"], rng, settings.split_of("image_decoder"))
     pixels = to_unit(images)
     latents = _latents(vae, pixels, device)  # (N, 4, 16, 16)
     weights = loss_weights(foreground(pixels), settings.foreground_weight, pixels.shape[-1] // latents.shape[-1])
@@ -659,7 +670,7 @@ def build_audio_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     tower = CLIPTextModelWithProjection.from_pretrained(text_dir)  # as the audio encoder trained it
     text_encoder = _plain_text_model(tower, tower.config)
     tokenizer = CLIPTokenizer.from_pretrained(text_dir)
-    specs, waves = audio_pool(settings.pool["audio"], rng, settings.split)
+    specs, waves = audio_pool(settings.pool["audio"], rng, settings.split_of("audio_decoder"))
     pixels = spectrogram_images(waves, mel)
     latents = _latents(vae, pixels, device)  # (N, 4, 8, 32)
     weights = loss_weights(foreground(pixels), settings.foreground_weight, pixels.shape[-1] // latents.shape[-1])
@@ -727,7 +738,7 @@ def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: 
     vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
     text_encoder = clip_text_encoder(root / "clip")
     tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
-    specs, videos = video_pool(settings.pool["video"], rng, settings.split)
+    specs, videos = video_pool(settings.pool["video"], rng, settings.split_of("video_decoder"))
     n, t = videos.shape[:2]
     pixels = to_unit(videos.reshape(n * t, *videos.shape[2:]))
     frames = _latents(vae, pixels, device)  # (N*T, 4, 16, 16)

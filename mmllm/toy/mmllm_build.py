@@ -147,11 +147,12 @@ class DefaultSettings:
         """The stages of ``build_default.py --quick`` (under 30 minutes from nothing on 2 CPU
         cores with ``BuildSettings.quick()``): the default recipe with a fifth of stage 2, three
         quarters of the align steps on 400 requests per output modality, and a stage 1 that
-        reads the image captions twice and first. Align steps cost 0.03 s each, and the image
-        projector is the one they underfit: held-back L2 image 0.35 after 2000, 0.18 after 4000
-        and 0.11 after 8000, where 800 requests and 4000 steps gave 0.15 for more time (the
-        extra requests' LLM pass; docs/RESULTS.md, "The quick build" and "The quick build back
-        under 30 minutes"). Its stages and the align step's LLM pass run
+        reads the image captions twice and first. Align steps cost 0.03 s each. On one stage-2
+        model the image projector's held-back L2 was 0.35 after 2000, 0.18 after 4000 and 0.11
+        after 8000 (800 requests and 4000 steps: 0.15, for a longer LLM pass), but the first
+        build with 6000 ended at 0.21, as its predecessor did with 4000: the fit to 400 requests
+        varies more from build to build than with the steps (docs/RESULTS.md, "The quick build"
+        and "The quick build back under 30 minutes"). Its stages and the align step's LLM pass run
         in bf16 mixed precision where the machine has it natively (``precision="auto"``).
 
         Stage 1 is one epoch (``stage1_steps=0``). The image projector alone reads colour only
