@@ -684,10 +684,9 @@ def test_build_script_sets_the_stage_mixes(monkeypatch, tmp_path, load_script):
 
 def test_quick_build_is_the_default_recipe_shorter_with_images_first(monkeypatch, tmp_path, load_script):
     """`build_default.py --quick` (the under-30-minute CPU build) trains the default recipe
-    with fewer stage-2 and align steps and align examples, a length-grouped stage 2, bf16 where
-    the machine has it natively, and one epoch of stage 1 that reads the image captions twice
-    and first and the other files in part (docs/RESULTS.md, "The image-first stage 1, adopted
-    for `--quick`" and "The quick build back under 30 minutes")."""
+    with fewer stage-2 and align steps and align examples, bf16 where the machine has it
+    natively, and one epoch of stage 1 that reads the image captions twice and first and the
+    other files in part (docs/RESULTS.md, "The image-first stage 1, adopted for `--quick`")."""
     import dataclasses
 
     from mmllm.toy.components import BuildSettings
@@ -704,9 +703,8 @@ def test_quick_build_is_the_default_recipe_shorter_with_images_first(monkeypatch
     quick, full = dataclasses.asdict(DefaultSettings.quick()), dataclasses.asdict(DefaultSettings())
     changed = {k for k in full if quick[k] != full[k]} - {"precision"}
     stage1 = {"stage1_steps", "stage1_mix", "stage1_passes"}
-    assert changed == {"stage2_steps", "stage2_group_by_length", "align_steps", "align_examples"} | stage1
+    assert changed == {"stage2_steps", "align_steps", "align_examples"} | stage1
     assert (quick["precision"], full["precision"]) == ("auto", "fp32")
-    assert (quick["stage2_group_by_length"], full["stage2_group_by_length"]) == (8, 0)
     assert all(quick[k] < full[k] for k in ("stage2_steps", "align_steps")) and quick["align_examples"] > 0
     assert (quick["stage1_steps"], quick["stage1_mix"]) == (0, "sequential")  # one epoch, file by file
     image, *rest = _stage1_passes(DefaultSettings.quick())  # image captions first

@@ -145,15 +145,14 @@ class DefaultSettings:
     @classmethod
     def quick(cls) -> "DefaultSettings":
         """The stages of ``build_default.py --quick`` (under 30 minutes from nothing on 2 CPU
-        cores with ``BuildSettings.quick()``): the default recipe with a fifth of stage 2, three
-        quarters of the align steps on 400 requests per output modality, and a stage 1 that
-        reads the image captions twice and first. Align steps cost 0.03 s each. On one stage-2
-        model the image projector's held-back L2 was 0.35 after 2000, 0.18 after 4000 and 0.11
-        after 8000 (800 requests and 4000 steps: 0.15, for a longer LLM pass), but the first
-        build with 6000 ended at 0.21, as its predecessor did with 4000: the fit to 400 requests
+        cores with ``BuildSettings.quick()``): the default recipe with a sixth of stage 2, half of
+        the align steps on 400 requests per output modality, and a stage 1 that reads the image
+        captions twice and first. Align steps cost 0.03 s each; on one stage-2 model the image
+        projector's held-back L2 was 0.35 after 2000, 0.18 after 4000 and 0.11 after 8000, but
+        a build with 6000 ended at 0.19-0.21, as builds with 4000 did: the fit to 400 requests
         varies more from build to build than with the steps (docs/RESULTS.md, "The quick build"
-        and "The quick build back under 30 minutes"). Its stages and the align step's LLM pass run
-        in bf16 mixed precision where the machine has it natively (``precision="auto"``).
+        and "The quick build back under 30 minutes"). Its stages and the align step's LLM pass
+        run in bf16 mixed precision where the machine has it natively (``precision="auto"``).
 
         Stage 1 is one epoch (``stage1_steps=0``). The image projector alone reads colour only
         after 80-120 batches of image captions, and a quarter of the default's alternating
@@ -162,15 +161,14 @@ class DefaultSettings:
         the align step refits from a fresh start anyway. It named 8-11 of 24 newcomer pairs
         where the alternating 30-step stage 1 named 3-5 (docs/RESULTS.md, "The image-first
         stage 1, adopted for `--quick`"). Stage 2 at 300 or 360 steps read images no better in
-        single rebuilds (docs/RESULTS.md, "A longer quick stage 2").
-
-        Stage 2 batches examples of similar length (``stage2_group_by_length=8``): the same
-        examples with less padding, 24 steps in 43-47 s against 61 s, which keeps the build
-        under 30 minutes (docs/RESULTS.md, "The quick build back under 30 minutes")."""
+        single rebuilds (docs/RESULTS.md, "A longer quick stage 2"); it has 200, to stay under
+        30 minutes. Length grouping (``stage2_group_by_length=8``) would do the same 240 steps
+        in three quarters of the time, but after the same stage 1 it read image caption colour
+        0.54 / 0.46 against 0.75 / 0.83 ungrouped and named 4 newcomer pairs against 11
+        (docs/RESULTS.md, "The quick build back under 30 minutes")."""
         return cls(stage1_steps=0, stage1_mix="sequential",
                    stage1_passes={"image": 2, "audio": 0.125, "video": 0.125, "generation": 0},
-                   stage2_steps=240, stage2_group_by_length=8, align_steps=6000, align_examples=400,
-                   precision="auto")
+                   stage2_steps=200, align_steps=4000, align_examples=400, precision="auto")
 
     @classmethod
     def smoke(cls) -> "DefaultSettings":
