@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     parser.add_argument("--fast", action="store_true", help="2 steps of everything, tiny data (tests)")
     parser.add_argument("--quick", action="store_true",
-                        help="a fifth of stage 2 after an image-first stage 1: under 30 minutes from nothing on "
+                        help="a sixth of stage 2 after an image-first stage 1: under 30 minutes from nothing on "
                              "2 CPU cores, a weaker model (docs/RESULTS.md, 'The quick build'; "
                              "DefaultSettings.quick)")
     parser.add_argument("--smoke", action="store_true",
