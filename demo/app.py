@@ -51,8 +51,8 @@ def build_demo(model, *, model_name: str = "model", max_upload_mb: float = 20.0,
 
     ``workdir`` holds the example media and generated outputs (if None, a new temp dir that
     is removed with the page, or at exit); uploads must come from there or from Gradio's
-    upload folder. ``sampling`` sets the
-    panel's starting max new tokens, temperature, top-p and seed. At most ``concurrency``
+    upload folder. ``sampling`` sets the panel's starting max new tokens, temperature, top-p
+    and seed. At most ``concurrency``
     requests run at once and ``max_queue`` wait; beyond that Gradio answers that the queue is full.
     """
     own_workdir = workdir is None
