@@ -82,6 +82,13 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 PREDICTION = "v_prediction"
 
 
+def _check_components(names, where: str) -> None:
+    """Raise a KeyError naming the valid components if ``names`` holds an unknown one."""
+    unknown = sorted(set(names) - set(COMPONENTS))
+    if unknown:
+        raise KeyError(f"unknown toy component(s) {unknown} {where}; valid: {list(COMPONENTS)}")
+
+
 @dataclass
 class BuildSettings:
     """Step counts, batch sizes and pool sizes of every component's training run.
@@ -165,18 +172,14 @@ class BuildSettings:
         )
 
     def override(self, steps: Optional[dict] = None) -> "BuildSettings":
-        unknown = sorted(set(steps or {}) - set(COMPONENTS))
-        if unknown:
-            raise KeyError(f"unknown component(s) {unknown} in steps; valid: {list(COMPONENTS)}")
+        _check_components(steps or {}, "in steps")
         return replace(self, steps={**self.steps, **(steps or {})})
 
     def split_of(self, name: str) -> str:
         """The world split component ``name`` trains on (``split``: one for all, or per component)."""
         if isinstance(self.split, str):
             return self.split
-        unknown = sorted(set(self.split) - set(COMPONENTS))
-        if unknown:
-            raise KeyError(f"BuildSettings.split names unknown component(s) {unknown}; valid: {list(COMPONENTS)}")
+        _check_components(self.split, "in BuildSettings.split")
         return self.split.get(name, "train")
 
     def recipe(self, name: str) -> dict:
@@ -807,9 +810,7 @@ def build_components(root: str | os.PathLike | None = None, device: str = "cpu",
 
 
 def _with_dependencies(names: list[str]) -> list[str]:
-    unknown = sorted(set(names) - set(COMPONENTS))
-    if unknown:
-        raise KeyError(f"unknown toy component(s) {unknown}; valid: {list(COMPONENTS)}")
+    _check_components(names, "to build")
     out = set()
     stack = list(names)
     while stack:
