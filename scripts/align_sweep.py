@@ -7,7 +7,7 @@
 The LLM runs once over the requests and its states at every signal sequence are cached (the
 costly part: about 0.1 s a request on 2 CPU cores in fp32, about half that with ``--precision
 bf16`` on a CPU with AVX512-BF16; ``--cache-file`` keeps them for the next call). Each variant
-``TRAIN:STEPS[:BATCH[:LR]]`` then fits fresh output projectors, as the
+``TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT]]]]`` then fits fresh output projectors, as the
 build's align step does (``align_output_projectors(reinit=True)``), on the first TRAIN cached
 sequences per modality, and scores them on the same last ``--val`` ones (held-back L2).
 Prints a Markdown table. docs/RESULTS.md ("The quick build") has a run.
@@ -16,7 +16,9 @@ Prints a Markdown table. docs/RESULTS.md ("The quick build") has a run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import inspect
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,20 +30,46 @@ from mmllm.training.config import PRECISIONS
 
 
 def parse_variant(text: str) -> dict:
-    """``TRAIN:STEPS[:BATCH[:LR]]``; BATCH and LR default to the toy build's (``DefaultSettings``)."""
+    """``TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT]]]]``; BATCH, LR and WD (AdamW's weight decay) default
+    to the toy build's (``DefaultSettings``), DROPOUT (inside the projectors, where their type
+    has one) to the model config's."""
     from mmllm.toy.mmllm_build import DefaultSettings
 
     parts = text.split(":")
-    if not 2 <= len(parts) <= 4:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAIN:STEPS[:BATCH[:LR]], e.g. 400:4000 or 400:4000:64:2e-3")
+    if not 2 <= len(parts) <= 6:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT]]]], "
+                                         f"e.g. 400:4000 or 400:4000:64:2e-3:0.01:0.1")
     build = DefaultSettings()
     try:
         train, steps = int(parts[0]), int(parts[1])
         batch = int(parts[2]) if len(parts) > 2 else build.align_batch
         lr = float(parts[3]) if len(parts) > 3 else build.align_lr
+        wd = float(parts[4]) if len(parts) > 4 else build.align_weight_decay
+        dropout = float(parts[5]) if len(parts) > 5 else None
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
-    return {"train": train, "steps": steps, "batch": batch, "lr": lr}
+    return {"train": train, "steps": steps, "batch": batch, "lr": lr, "wd": wd, "dropout": dropout}
+
+
+@contextlib.contextmanager
+def projector_dropout(model, dropout: float | None):
+    """Within the block, the ``dropout`` option in ``model.config`` (read when the output
+    projectors are rebuilt) is ``dropout`` for every output projector type that has one;
+    ``None`` leaves the config as it is. Yields the modalities it was set for."""
+    from projectors import OUTPUT_PROJECTORS
+
+    old = {m: dict(o.projector.options) for m, o in model.config.outputs.items()}
+    has = [m for m, o in model.config.outputs.items()
+           if "dropout" in inspect.signature(OUTPUT_PROJECTORS.get(o.projector.type)).parameters]
+    if dropout is not None and not has:
+        raise SystemExit("no output projector of this model has a dropout; leave DROPOUT out of the variants")
+    try:
+        for m in has if dropout is not None else []:
+            model.config.outputs[m].projector.options["dropout"] = dropout
+        yield has if dropout is not None else []
+    finally:
+        for m, o in model.config.outputs.items():
+            o.projector.options = old[m]
 
 
 def load_cache(model, args) -> SignalCache:
@@ -76,7 +104,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--generation", default=None, help="generation-pair file, instead of or beside --conversations")
     p.add_argument("--data-root", default=None, help="where relative media paths resolve (default: the data file's folder)")
     p.add_argument("--variants", nargs="+", type=parse_variant, default=[parse_variant(v) for v in ("400:2000", "400:4000", "800:4000")],
-                   metavar="TRAIN:STEPS[:BATCH[:LR]]")
+                   metavar="TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT]]]]")
     p.add_argument("--val", type=int, default=100, help="held-back sequences per modality, the same for every variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -94,16 +122,20 @@ def main(argv=None) -> list[dict]:
     print(f"cached sequences per modality: {cache.counts()}")
     start = copy.deepcopy(model.output_projectors)
     rows = []
-    print("| train | steps | batch | lr | seconds | held-back L2 " + " / ".join(sorted(cache.counts())) + " |")
-    print("|---|---|---|---|---|---|")
+    print("| train | steps | batch | lr | weight decay | dropout | seconds | final train loss | held-back L2 "
+          + " / ".join(sorted(cache.counts())) + " |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for v in args.variants:
         model.output_projectors = copy.deepcopy(start)
-        result = align_output_projectors(model, steps=v["steps"], batch_size=v["batch"], lr=v["lr"], seed=args.seed,
-                                         progress=not args.no_progress, reinit=True, val_examples=args.val,
-                                         cache=cache.take(v["train"], args.val))
-        rows.append({**v, "seconds": result.seconds, "val_loss": result.val_loss})
+        with projector_dropout(model, v["dropout"]):
+            result = align_output_projectors(model, steps=v["steps"], batch_size=v["batch"], lr=v["lr"],
+                                             weight_decay=v["wd"], seed=args.seed, progress=not args.no_progress,
+                                             reinit=True, val_examples=args.val, cache=cache.take(v["train"], args.val))
+        rows.append({**v, "seconds": result.seconds, "final_loss": result.final_loss, "val_loss": result.val_loss})
         l2 = " / ".join(f"{result.val_loss[m]:.3f}" for m in sorted(result.val_loss))
-        print(f"| {v['train']} | {v['steps']} | {v['batch']} | {v['lr']:g} | {result.seconds:.0f} | {l2} |", flush=True)
+        dropout = "config" if v["dropout"] is None else f"{v['dropout']:g}"
+        print(f"| {v['train']} | {v['steps']} | {v['batch']} | {v['lr']:g} | {v['wd']:g} | {dropout} | "
+              f"{result.seconds:.0f} | {result.final_loss:.3f} | {l2} |", flush=True)
     return rows
 
 

@@ -27,8 +27,8 @@ from mmllm.toy.mmllm_build import DefaultSettings, build_default
 from mmllm.training.config import MIXES
 
 TUNABLE = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps", "stage2_batch",
-           "stage2_lr", "stage2_projector_lr", "stage2_group_by_length", "align_steps", "align_lr", "align_examples",
-           "seed")
+           "stage2_lr", "stage2_projector_lr", "stage2_group_by_length", "align_steps", "align_lr", "align_weight_decay",
+           "align_examples", "seed")
 
 
 def _setting(text: str) -> tuple:
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
                              "(OpenMP threads wait for each other), see docs/RESULTS.md")
     defaults = DefaultSettings()
     for name in TUNABLE:
-        tp = float if "lr" in name else int
+        tp = float if isinstance(getattr(defaults, name), float) else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=tp, default=None,
                             help=f"default {getattr(defaults, name)}"
                                  + ("; 0: one epoch" if name in ("stage1_steps", "stage2_steps") else ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,48 @@ def test_kill_while_deleting_an_old_checkpoint_leaves_no_partial_step_dir(base_m
                    model=fresh(base_model))
     assert result.steps == 3
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"], "left-overs are cleaned"
+
+
+# --------------------------------------------------------------------------- killed directory writers
+
+_WRITER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("fileio", sys.argv[1])
+fileio = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fileio)
+with fileio.atomic_directory(sys.argv[2]) as tmp:
+    (tmp / "half").write_text("x")
+    print(tmp.name, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_directory_write_clears_what_a_killed_writer_left_and_spares_a_live_one(tmp_path):
+    import subprocess
+    import sys
+
+    from mmllm.fileio import atomic_directory
+
+    target = tmp_path / "clip"
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(ROOT / "mmllm/fileio.py"), str(target)],
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        names = [w.stdout.readline().strip() for w in writers]
+        assert all(n.startswith(".clip.tmp-") for n in names), names
+        writers[0].kill()  # SIGKILL: its half-written directory stays behind
+        writers[0].wait()
+        unowned = tmp_path / ".clip.tmp-abc123"  # named before owners were recorded: not ours to judge
+        unowned.mkdir()
+        assert names[0] in {p.name for p in tmp_path.iterdir()}
+        with atomic_directory(target) as tmp:
+            (tmp / "whole").write_text("y")
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {"clip", names[1], unowned.name}, left
+        assert [p.name for p in target.iterdir()] == ["whole"]
+        umask = os.umask(0)
+        os.umask(umask)
+        assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # as readable as a plain mkdir's
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait()

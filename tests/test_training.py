@@ -598,3 +598,11 @@ def test_align_on_a_given_cache_equals_caching_it_itself(base_model, data, fresh
         sweep.main([*argv, "--precision", "bf16"])  # ... or fp32 states
     with pytest.raises(SystemExit):
         sweep.main(["--variants", "400"])
+    regularised = sweep.main([*argv[:5], "2:3:2:1e-3:0.01:0.1", *argv[7:]])  # weight decay and dropout
+    assert [(r["wd"], r["dropout"]) for r in regularised] == [(0.01, 0.1)] and rows[0]["wd"] == 0.0
+    assert all(math.isfinite(v) for v in regularised[0]["val_loss"].values())
+    before = {m: dict(o.projector.options) for m, o in given.config.outputs.items()}
+    with sweep.projector_dropout(given, 0.3) as changed:  # what DROPOUT does to the rebuilt projectors
+        assert changed == [m for m, o in given.config.outputs.items() if o.projector.type == "transformer"] != []
+        assert all(given.new_output_projector(m).transformer.encoder.layers[0].dropout.p == 0.3 for m in changed)
+    assert {m: o.projector.options for m, o in given.config.outputs.items()} == before

@@ -28,13 +28,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..fileio import atomic_directory
+from ..fileio import atomic_directory, work_directory
 from ..config import EncoderConfig, InputConfig, LLMConfig, MMLLMConfig, ProjectorConfig
 from ..llm import cache_dir
 from ..model import CONFIG_NAME, MMLLM
@@ -250,8 +249,7 @@ def _export(path: Path, export: Path) -> None:
     projector_type = _projector_type(path, conf)
     tok, placeholder = llava_tokenizer(path, conf)
     llava = LlavaForConditionalGeneration.from_pretrained(path, dtype="auto", use_safetensors=True)
-    export.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=export.parent, prefix=f".{export.name}.tmp-"))
+    tmp = work_directory(export)
     try:
         # LLM: Llava's text model and LM head, re-homed in the CausalLM class of text_config.
         with torch.device("meta"):

@@ -33,8 +33,6 @@ import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -45,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fileio import atomic_directory
 from . import world
 
 IMAGE_SIZE = 32
@@ -234,20 +233,11 @@ def is_complete(root: str | os.PathLike, name: str, settings: Optional[BuildSett
     return True
 
 
-def _commit(root: Path, name: str, tmp: Path, info: dict) -> Path:
-    """Write the marker into ``tmp`` and rename it to ``root/name`` (replacing any old one)."""
+def _write_marker(root: Path, name: str, directory: Path, info: dict) -> None:
+    """Write the marker that makes ``directory`` a complete build of ``name`` (its last file)."""
     info = {"component": name, "build_id": uuid.uuid4().hex, "built_at": time.time(),
             "depends": {d: _marker(root / d)["build_id"] for d in DEPENDS[name]}, **info}
-    (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-    final = root / name
-    if final.exists():
-        old = root / f".{name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
+    (directory / MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -793,18 +783,14 @@ def build_components(root: str | os.PathLike | None = None, device: str = "cpu",
     for name in COMPONENTS:
         if name not in wanted or (is_complete(root, name, settings) and not force):
             continue
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
         start, cpu = time.time(), time.process_time()
         log(f"building toy {name} in {root} ...")
-        try:
+        with atomic_directory(root / name) as tmp:  # a killed build leaves the old one, or none
             info = _build_one(name, tmp, root, settings, device, seed, progress)
             info.update(seconds=round(time.time() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1),
                         torch_threads=torch.get_num_threads(), device=str(device), seed=seed,
                         steps=settings.steps[name], batch=settings.batch[name], recipe=settings.recipe(name))
-            _commit(root, name, tmp, info)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _write_marker(root, name, tmp, info)
         log(f"built toy {name} in {time.time() - start:.0f} s")
     return {name: root / name for name in COMPONENTS}
 

@@ -50,7 +50,7 @@ HINT = ("the toy default is not built; run `python scripts/build_default.py` (~1
 
 # Settings added after the shipped default was built, with their off values.
 LATER_SETTINGS = {"brief_requests": {}, "stage2_group_by_length": 0, "stage2_mix": "alternate", "precision": "fp32",
-                  "stage1_mix": "alternate", "stage1_passes": {}}
+                  "stage1_mix": "alternate", "stage1_passes": {}, "align_weight_decay": 0.0}
 
 
 @dataclass
@@ -122,6 +122,7 @@ class DefaultSettings:
     align_steps: int = 8000
     align_batch: int = 64
     align_lr: float = 2e-3
+    align_weight_decay: float = 0.0  # AdamW's, on the output projectors
     align_examples: Optional[int] = None  # signal sequences cached per output modality (None: all)
     align_val_examples: int = 100  # of those, held back per modality and scored (val_loss)
     # Fit the output projectors to the cache from a fresh initialisation: after stage 2's
@@ -197,8 +198,8 @@ class DefaultSettings:
               "stage1_passes", "precision", "seed")
         s2 = (*s1, "describe_share", "focus_questions", "brief_requests", "stage2_steps", "stage2_batch",
               "stage2_group_by_length", "stage2_mix", "stage2_lr", "stage2_projector_lr", "lora")
-        keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr", "align_examples",
-                                                    "align_val_examples", "align_reinit")}[stage]
+        keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr", "align_weight_decay",
+                                                    "align_examples", "align_val_examples", "align_reinit")}[stage]
         model_config = model_config or {}
         data = {"settings": {k: getattr(self, k) for k in keys if not self.is_off(k)},
                 "components": {k: (components.get(k) or {}).get("build_id") for k in TRAINING_INPUTS},
@@ -446,7 +447,8 @@ def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[st
     model = load_model(str(stage2)).to(device)
     result = align_output_projectors(model, conversations=conversations, data_root=str(Path(conversations[0]).parent),
                                      steps=settings.align_steps, batch_size=settings.align_batch,
-                                     lr=settings.align_lr, seed=settings.seed, progress=progress,
+                                     lr=settings.align_lr, weight_decay=settings.align_weight_decay,
+                                     seed=settings.seed, progress=progress,
                                      max_examples=settings.align_examples, reinit=settings.align_reinit,
                                      val_examples=settings.align_val_examples, precision=autocast)
     model.save_pretrained(out / "model")
