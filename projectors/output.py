@@ -47,6 +47,11 @@ class LinearOutputProjector(OutputProjector):
         x = self.tokens(x.transpose(1, 2)).transpose(1, 2)  # (B, S, W)
         return x[:, 0] if self.pooled else x
 
+    @property
+    def input_linear(self) -> nn.Linear:
+        """The linear layer that reads hidden + embeds first (``training.align`` folds input scaling into it)."""
+        return self.width
+
 
 class TransformerOutputProjector(OutputProjector):
     """GILL / NExT-GPT mapper: Linear(D_llm -> d) on hidden + input embeddings, an
@@ -70,3 +75,8 @@ class TransformerOutputProjector(OutputProjector):
         tgt = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, S, d)
         out = self.up(self.transformer(src, tgt))  # (B, S, W)
         return out[:, 0] if self.pooled else out
+
+    @property
+    def input_linear(self) -> nn.Linear:
+        """The linear layer that reads hidden + embeds first (``training.align`` folds input scaling into it)."""
+        return self.down

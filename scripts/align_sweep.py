@@ -7,7 +7,7 @@
 The LLM runs once over the requests and its states at every signal sequence are cached (the
 costly part: about 0.1 s a request on 2 CPU cores in fp32, about half that with ``--precision
 bf16`` on a CPU with AVX512-BF16; ``--cache-file`` keeps them for the next call). Each variant
-``TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT]]]]`` then fits fresh output projectors, as the
+``TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT[:WEIGHTS[:STD]]]]]]`` then fits fresh output projectors, as the
 build's align step does (``align_output_projectors(reinit=True)``), on the first TRAIN cached
 sequences per modality, and scores them on the same last ``--val`` ones (held-back L2).
 Prints a Markdown table. docs/RESULTS.md ("The quick build") has a run.
@@ -29,26 +29,36 @@ from mmllm.training import SignalCache, align_output_projectors, cache_signal_st
 from mmllm.training.config import PRECISIONS
 
 
+FIELDS = "TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT[:WEIGHTS[:STD]]]]]]"
+
+
 def parse_variant(text: str) -> dict:
-    """``TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT]]]]``; BATCH, LR and WD (AdamW's weight decay) default
-    to the toy build's (``DefaultSettings``), DROPOUT (inside the projectors, where their type
-    has one) to the model config's."""
+    """``TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT[:WEIGHTS[:STD]]]]]]``; a field left out or empty
+    takes its default. BATCH, LR, WD (AdamW's weight decay), WEIGHTS (each modality's share of
+    the steps, ``image=2,video=1.5``) and STD (1: fit on standardised inputs, 0: on the raw
+    states) default to the toy build's (``DefaultSettings``), DROPOUT (inside the output
+    projectors that have one) to the model config's."""
     from mmllm.toy.mmllm_build import DefaultSettings
 
     parts = text.split(":")
-    if not 2 <= len(parts) <= 6:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT]]]], "
-                                         f"e.g. 400:4000 or 400:4000:64:2e-3:0.01:0.1")
+    if not 2 <= len(parts) <= 8 or not parts[0] or not parts[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {FIELDS}, e.g. 400:4000, 400:4000:64:2e-3:0.01:0.1 "
+                                         f"or 400:4000:::::image=2")
+    parts += [""] * (8 - len(parts))
     build = DefaultSettings()
     try:
-        train, steps = int(parts[0]), int(parts[1])
-        batch = int(parts[2]) if len(parts) > 2 else build.align_batch
-        lr = float(parts[3]) if len(parts) > 3 else build.align_lr
-        wd = float(parts[4]) if len(parts) > 4 else build.align_weight_decay
-        dropout = float(parts[5]) if len(parts) > 5 else None
+        weights = dict(build.align_weights)
+        for item in filter(None, parts[6].split(",")):
+            modality, _, share = item.partition("=")
+            weights[modality.strip()] = float(share)
+        return {"train": int(parts[0]), "steps": int(parts[1]),
+                "batch": int(parts[2]) if parts[2] else build.align_batch,
+                "lr": float(parts[3]) if parts[3] else build.align_lr,
+                "wd": float(parts[4]) if parts[4] else build.align_weight_decay,
+                "dropout": float(parts[5]) if parts[5] else None, "weights": weights,
+                "standardize": bool(int(parts[7])) if parts[7] else build.align_standardize}
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
-    return {"train": train, "steps": steps, "batch": batch, "lr": lr, "wd": wd, "dropout": dropout}
+        raise argparse.ArgumentTypeError(f"{text!r}: {err} (expected {FIELDS})") from err
 
 
 @contextlib.contextmanager
@@ -104,7 +114,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--generation", default=None, help="generation-pair file, instead of or beside --conversations")
     p.add_argument("--data-root", default=None, help="where relative media paths resolve (default: the data file's folder)")
     p.add_argument("--variants", nargs="+", type=parse_variant, default=[parse_variant(v) for v in ("400:2000", "400:4000", "800:4000")],
-                   metavar="TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT]]]]")
+                   metavar=FIELDS)
     p.add_argument("--val", type=int, default=100, help="held-back sequences per modality, the same for every variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -122,20 +132,24 @@ def main(argv=None) -> list[dict]:
     print(f"cached sequences per modality: {cache.counts()}")
     start = copy.deepcopy(model.output_projectors)
     rows = []
-    print("| train | steps | batch | lr | weight decay | dropout | seconds | final train loss | held-back L2 "
-          + " / ".join(sorted(cache.counts())) + " |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    names = " / ".join(sorted(cache.counts()))
+    print(f"| train | steps | batch | lr | weight decay | dropout | weights | standardised | seconds "
+          f"| training L2 {names} | held-back L2 {names} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for v in args.variants:
         model.output_projectors = copy.deepcopy(start)
         with projector_dropout(model, v["dropout"]):
             result = align_output_projectors(model, steps=v["steps"], batch_size=v["batch"], lr=v["lr"],
-                                             weight_decay=v["wd"], seed=args.seed, progress=not args.no_progress,
-                                             reinit=True, val_examples=args.val, cache=cache.take(v["train"], args.val))
-        rows.append({**v, "seconds": result.seconds, "final_loss": result.final_loss, "val_loss": result.val_loss})
-        l2 = " / ".join(f"{result.val_loss[m]:.3f}" for m in sorted(result.val_loss))
+                                             weight_decay=v["wd"], weights=v["weights"] or None,
+                                             standardize=v["standardize"], seed=args.seed,
+                                             progress=not args.no_progress, reinit=True, val_examples=args.val,
+                                             cache=cache.take(v["train"], args.val))
+        rows.append({**v, "seconds": result.seconds, "train_loss": result.train_loss, "val_loss": result.val_loss})
+        fit, l2 = (" / ".join(f"{loss[m]:.3f}" for m in sorted(loss)) for loss in (result.train_loss, result.val_loss))
         dropout = "config" if v["dropout"] is None else f"{v['dropout']:g}"
-        print(f"| {v['train']} | {v['steps']} | {v['batch']} | {v['lr']:g} | {v['wd']:g} | {dropout} | "
-              f"{result.seconds:.0f} | {result.final_loss:.3f} | {l2} |", flush=True)
+        weights = ", ".join(f"{m} {w:g}" for m, w in sorted(v["weights"].items())) or "equal"
+        print(f"| {v['train']} | {v['steps']} | {v['batch']} | {v['lr']:g} | {v['wd']:g} | {dropout} | {weights} | "
+              f"{'yes' if v['standardize'] else 'no'} | {result.seconds:.0f} | {fit} | {l2} |", flush=True)
     return rows
 
 

@@ -27,8 +27,8 @@ from mmllm.toy.mmllm_build import DefaultSettings, build_default
 from mmllm.training.config import MIXES
 
 TUNABLE = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps", "stage2_batch",
-           "stage2_lr", "stage2_projector_lr", "stage2_group_by_length", "align_steps", "align_lr", "align_weight_decay",
-           "align_examples", "seed")
+           "stage2_lr", "stage2_projector_lr", "stage2_group_by_length", "align_steps", "align_lr",
+           "align_weight_decay", "align_examples", "seed")
 
 
 def _setting(text: str) -> tuple:
@@ -61,6 +61,11 @@ def main(argv=None) -> None:
     parser.add_argument("--stage1-passes", type=json.loads, default=None, metavar="JSON",
                         help='passes per epoch over stage 1\'s files, e.g. \'{"image": 2, "generation": 0.1}\' '
                              "(keys image, audio, video, generation; default one each; TrainConfig.file_passes)")
+    parser.add_argument("--align-weights", type=json.loads, default=None, metavar="JSON",
+                        help='each output modality\'s share of the align steps, e.g. \'{"image": 2}\' '
+                             "(DefaultSettings.align_weights; default equal)")
+    parser.add_argument("--no-align-standardize", action="store_true",
+                        help="fit the align step on unscaled states (DefaultSettings.align_standardize)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                         help="precision of both stages and of the align step's LLM pass (default fp32, --quick "
                              "auto): bf16 mixed precision, or auto, bf16 where this machine computes it natively "
@@ -101,6 +106,10 @@ def main(argv=None) -> None:
         settings.stage1_passes = args.stage1_passes
     if args.precision:
         settings.precision = args.precision
+    if args.align_weights is not None:
+        settings.align_weights = args.align_weights
+    if args.no_align_standardize:
+        settings.align_standardize = False
     components = getattr(BuildSettings, profile)() if profile else BuildSettings()
     if args.component_split:
         components.split = args.component_split

@@ -520,7 +520,7 @@ def test_align_reinit_starts_from_the_seeded_initialisation_and_caps_the_cache(b
         for p in model.output_projectors.parameters():
             p.add_(1.0)  # a "trained" state far from the initialisation
     align_output_projectors(model, generation=data["generation"], data_root=data["root"], steps=1, batch_size=4,
-                            lr=0.0, progress=False, reinit=True)
+                            lr=0.0, progress=False, reinit=True, standardize=False)
     for m, proj in model.output_projectors.items():
         init = model.new_output_projector(m).state_dict()
         assert all(torch.equal(v, init[k]) for k, v in proj.state_dict().items())
@@ -554,6 +554,76 @@ def test_align_val_examples_are_held_back_and_scored(base_model, data, fresh):
     with pytest.raises(ValueError, match="lower val_examples"):
         align_output_projectors(model, generation=data["generation"], data_root=data["root"], steps=1,
                                 progress=False, val_examples=max(full.values()))
+
+
+def test_align_weights_share_the_steps_and_only_the_weighted_projector_moves(base_model, data, fresh):
+    """weights=: each modality trains its share of the steps, spread evenly; a modality left
+    untrained keeps its initialisation; equal weights are plain turns; bad weights say the fix."""
+    from mmllm.training import align_output_projectors, cache_signal_states, step_schedule
+
+    assert step_schedule(["audio", "image", "video"], None, 6) == ["audio", "image", "video"] * 2
+    order = step_schedule(["audio", "image", "video"], {"image": 2}, 8)
+    assert {m: order.count(m) for m in set(order)} == {"image": 4, "audio": 2, "video": 2}
+    assert all(order[i] != order[i + 1] or order[i] == "image" for i in range(7)) and "image" in order[:2]
+    for bad in ({"smell": 1}, {"image": 0}, {"image": "2"}):
+        with pytest.raises(ValueError, match="positive number"):
+            step_schedule(["audio", "image", "video"], bad, 3)
+
+    model = fresh(base_model)
+    cache = cache_signal_states(model, generation=data["generation"], data_root=data["root"], progress=False)
+    first, other = sorted(cache.counts())[:2]
+    before = {m: {k: v.clone() for k, v in p.state_dict().items()} for m, p in model.output_projectors.items()}
+    # A share so small that `other` never comes up in 4 steps: only `first` trains.
+    result = align_output_projectors(model, cache=cache, steps=4, batch_size=2, lr=1e-2, progress=False,
+                                     weights={m: (1.0 if m == first else 1e-3) for m in cache.counts()},
+                                     standardize=False)
+    assert result.modality_steps == {first: 4} and set(result.train_loss) == {first}
+    changed = {m for m, p in model.output_projectors.items()
+               if any(not torch.equal(v, before[m][k]) for k, v in p.state_dict().items())}
+    assert changed == {first} and other not in changed
+
+
+def test_align_standardize_fits_on_scaled_inputs_and_folds_the_scaling_back(base_model, data, fresh):
+    """standardize=True: the projectors train on inputs with zero mean and unit spread per
+    feature; the scaling is folded into their first linear layer both ways without changing
+    what they compute, so the saved projectors read the raw states (val_loss is scored on them)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from mmllm.training import align_output_projectors, cache_signal_states
+    from mmllm.training.align import _fold_input_scaling, input_statistics, standardized
+
+    model = fresh(base_model)
+    cache = cache_signal_states(model, generation=data["generation"], data_root=data["root"], progress=False)
+    stats = input_statistics(cache)
+    scaled = standardized(cache, stats)
+    for m, x in scaled.states.items():
+        flat = x.reshape(-1, x.shape[-1]).double()
+        spread = flat.std(0)
+        assert flat.mean(0).abs().max() < 1e-4 and ((spread - 1).abs()[spread > 0.5]).max() < 1e-4
+        assert not scaled.embeds[m].any()
+        proj = model.output_projectors[m]
+        raw_out = proj(cache.states[m], cache.embeds[m].expand(len(x), -1, -1))
+        moved = copy.deepcopy(proj)
+        _fold_input_scaling(moved, *stats[m], inverse=True)  # the same function, on scaled inputs
+        torch.testing.assert_close(moved(x, scaled.embeds[m].expand(len(x), -1, -1)), raw_out, rtol=1e-4, atol=1e-4)
+        _fold_input_scaling(moved, *stats[m])  # and back
+        torch.testing.assert_close(moved(cache.states[m], cache.embeds[m].expand(len(x), -1, -1)), raw_out,
+                                   rtol=1e-4, atol=1e-4)
+    result = align_output_projectors(model, cache=cache, steps=6, batch_size=4, lr=1e-3, progress=False, reinit=True,
+                                     val_examples=1)
+    with torch.no_grad():
+        for m, proj in model.output_projectors.items():
+            mse = F.mse_loss(proj(cache.states[m][-1:], cache.embeds[m].unsqueeze(0)), cache.targets[m][-1:]).item()
+            assert result.val_loss[m] == pytest.approx(mse, rel=1e-4)
+
+    class Opaque(torch.nn.Module):  # a custom projector without input_linear
+        def forward(self, hidden, embeds=None):
+            return hidden
+
+    with pytest.raises(TypeError, match="standardize=False"):
+        _fold_input_scaling(Opaque(), *stats[m])
 
 
 def test_align_on_a_given_cache_equals_caching_it_itself(base_model, data, fresh, tmp_path, load_script):
@@ -598,8 +668,11 @@ def test_align_on_a_given_cache_equals_caching_it_itself(base_model, data, fresh
         sweep.main([*argv, "--precision", "bf16"])  # ... or fp32 states
     with pytest.raises(SystemExit):
         sweep.main(["--variants", "400"])
-    regularised = sweep.main([*argv[:5], "2:3:2:1e-3:0.01:0.1", *argv[7:]])  # weight decay and dropout
-    assert [(r["wd"], r["dropout"]) for r in regularised] == [(0.01, 0.1)] and rows[0]["wd"] == 0.0
+    regularised = sweep.main([*argv[:5], "2:3:2:1e-3:0.01:0.1", "2:3::::", *argv[7:]])  # empty fields: defaults
+    assert [(r["wd"], r["dropout"], r["lr"]) for r in regularised] == [(0.01, 0.1, 1e-3), (0.0, None, 2e-3)]
+    assert rows[0]["wd"] == 0.0 and all(set(r["train_loss"]) == set(cache.counts()) for r in rows)
+    weighted = sweep.main([*argv[:5], f"2:3:::::{min(cache.counts())}=2", *argv[7:]])[0]
+    assert weighted["weights"] == {min(cache.counts()): 2.0}
     assert all(math.isfinite(v) for v in regularised[0]["val_loss"].values())
     before = {m: dict(o.projector.options) for m, o in given.config.outputs.items()}
     with sweep.projector_dropout(given, 0.3) as changed:  # what DROPOUT does to the rebuilt projectors

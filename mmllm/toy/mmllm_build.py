@@ -50,7 +50,8 @@ HINT = ("the toy default is not built; run `python scripts/build_default.py` (~1
 
 # Settings added after the shipped default was built, with their off values.
 LATER_SETTINGS = {"brief_requests": {}, "stage2_group_by_length": 0, "stage2_mix": "alternate", "precision": "fp32",
-                  "stage1_mix": "alternate", "stage1_passes": {}, "align_weight_decay": 0.0}
+                  "stage1_mix": "alternate", "stage1_passes": {}, "align_weight_decay": 0.0,
+                  "align_weights": {}}
 
 
 @dataclass
@@ -123,6 +124,11 @@ class DefaultSettings:
     align_batch: int = 64
     align_lr: float = 2e-3
     align_weight_decay: float = 0.0  # AdamW's, on the output projectors
+    # modality -> its share of the align steps (default 1 each; training.align.step_schedule)
+    align_weights: dict = field(default_factory=dict)
+    # Fit the projectors on standardised inputs, folded back at the end (align_output_projectors'
+    # standardize; 2026-12-06): held-back L2 about a third of the unscaled fit's in the same steps.
+    align_standardize: bool = True
     align_examples: Optional[int] = None  # signal sequences cached per output modality (None: all)
     align_val_examples: int = 100  # of those, held back per modality and scored (val_loss)
     # Fit the output projectors to the cache from a fresh initialisation: after stage 2's
@@ -198,8 +204,9 @@ class DefaultSettings:
               "stage1_passes", "precision", "seed")
         s2 = (*s1, "describe_share", "focus_questions", "brief_requests", "stage2_steps", "stage2_batch",
               "stage2_group_by_length", "stage2_mix", "stage2_lr", "stage2_projector_lr", "lora")
-        keys = {"stage1": s1, "stage2": s2, "align": (*s2, "align_steps", "align_batch", "align_lr", "align_weight_decay",
-                                                    "align_examples", "align_val_examples", "align_reinit")}[stage]
+        align = (*s2, "align_steps", "align_batch", "align_lr", "align_weight_decay", "align_weights",
+                 "align_examples", "align_val_examples", "align_reinit", "align_standardize")
+        keys = {"stage1": s1, "stage2": s2, "align": align}[stage]
         model_config = model_config or {}
         data = {"settings": {k: getattr(self, k) for k in keys if not self.is_off(k)},
                 "components": {k: (components.get(k) or {}).get("build_id") for k in TRAINING_INPUTS},
@@ -448,18 +455,21 @@ def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[st
     result = align_output_projectors(model, conversations=conversations, data_root=str(Path(conversations[0]).parent),
                                      steps=settings.align_steps, batch_size=settings.align_batch,
                                      lr=settings.align_lr, weight_decay=settings.align_weight_decay,
-                                     seed=settings.seed, progress=progress,
+                                     weights=settings.align_weights or None, seed=settings.seed, progress=progress,
                                      max_examples=settings.align_examples, reinit=settings.align_reinit,
-                                     val_examples=settings.align_val_examples, precision=autocast)
+                                     val_examples=settings.align_val_examples, precision=autocast,
+                                     standardize=settings.align_standardize)
     model.save_pretrained(out / "model")
     _relocatable(out / "model", tree=out.parent.parent)
     info = {"fingerprint": fingerprint, "seconds": result.seconds, "steps": result.steps,
             "first_loss": result.first_loss, "final_loss": result.final_loss, "examples": result.examples,
-            "bad_rows": result.bad_rows, "val_loss": result.val_loss}
+            "bad_rows": result.bad_rows, "val_loss": result.val_loss, "train_loss": result.train_loss,
+            "modality_steps": result.modality_steps}
     (out / DONE).write_text(json.dumps(info, indent=1))
     held = ", ".join(f"{m} {v:.3f}" for m, v in sorted(result.val_loss.items()))
+    fit = ", ".join(f"{m} {v:.3f}" for m, v in sorted(result.train_loss.items()))
     log(f"align: done in {result.seconds:.0f} s, loss {result.first_loss:.3f} -> {result.final_loss:.3f}"
-        + (f"; held-back L2 {held}" if held else ""))
+        + (f"; training L2 {fit}" if fit else "") + (f"; held-back L2 {held}" if held else ""))
     return info
 
 

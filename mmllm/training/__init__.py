@@ -9,7 +9,8 @@
 * ``align_output_projectors``: the output projectors alone, trained fast on cached LLM states.
 """
 
-from .align import AlignResult, SignalCache, align_output_projectors, cache_signal_states, signal_states_of_rows
+from .align import (AlignResult, SignalCache, align_output_projectors, cache_signal_states, signal_states_of_rows,
+                    step_schedule)
 from .cache import FeatureCache, build_feature_cache
 from .collate import Collator, TrainBatch
 from .config import STAGES, TrainConfig
@@ -21,6 +22,7 @@ from .trainer import Trainer, TrainResult, latest_checkpoint, load_model, resolv
 
 __all__ = [
     "AlignResult", "SignalCache", "align_output_projectors", "cache_signal_states", "signal_states_of_rows",
+    "step_schedule",
     "STAGES", "TrainConfig", "set_trainable", "trainable_rule", "parameter_counts", "parameter_table",
     "Trainer", "TrainResult", "train", "load_model", "resolve_model_path", "latest_checkpoint",
     "StreamingData", "ExampleBuilder", "Source", "sources_from", "DataReport", "DataError",
