@@ -214,9 +214,10 @@ def test_later_settings_change_the_fingerprint_only_when_on():
     base = DefaultSettings()
     assert all(base.is_off(k) for k in LATER_SETTINGS)
     # Pinned: a change here invalidates every cached default (70 minutes of stage 2 on a CPU).
-    # If a recipe change means it, update the values.
+    # If a recipe change means it, update the values. The align value changed on 2026-12-06 on
+    # purpose (align_standardize): a cached default reruns its align step alone (about 15 minutes).
     assert [base.stage_fingerprint(s, comps) for s in ("stage1", "stage2", "align")] == \
-        ["0667fe8014b9a51b", "7a88fe161d31c80b", "1f364d370e1f6f4f"]
+        ["0667fe8014b9a51b", "7a88fe161d31c80b", "977e3a54cd6deeac"]
     for changed in (DefaultSettings(brief_requests={"image": 0.5}), DefaultSettings(stage2_group_by_length=8),
                     DefaultSettings(stage2_mix="spread")):
         assert changed.stage_fingerprint("stage1", comps) == base.stage_fingerprint("stage1", comps)
@@ -225,6 +226,10 @@ def test_later_settings_change_the_fingerprint_only_when_on():
     for changed in (DefaultSettings(stage1_mix="spread"), DefaultSettings(stage1_passes={"image": 2})):
         assert all(changed.stage_fingerprint(s, comps) != base.stage_fingerprint(s, comps)
                    for s in ("stage1", "stage2", "align"))
+    for changed in (DefaultSettings(align_weight_decay=0.01), DefaultSettings(align_weights={"image": 2}),
+                    DefaultSettings(align_standardize=False)):  # the align step alone reruns
+        assert [changed.stage_fingerprint(s, comps) == base.stage_fingerprint(s, comps)
+                for s in ("stage1", "stage2", "align")] == [True, True, False]
 
 
 def test_stage1_passes_name_the_build_files():
@@ -681,6 +686,11 @@ def test_build_script_sets_the_stage_mixes(monkeypatch, tmp_path, load_script):
     assert (settings.stage1_mix, settings.stage1_passes) == ("spread", {"image": 2, "generation": 0.1})
     assert (settings.stage1_steps, settings.stage2_group_by_length) == (176, 8)
     assert settings.stage2_steps == DefaultSettings.quick().stage2_steps  # the rest stays --quick's
+    script.main(["--quick", "--root", str(tmp_path), "--align-weights", '{"image": 2}', "--align-weight-decay",
+                 "0.01", "--no-align-standardize"])  # the align step's settings (docs/RESULTS.md, "Centred inputs")
+    settings = calls[1]["settings"]
+    assert (settings.align_weights, settings.align_weight_decay, settings.align_standardize) == ({"image": 2}, 0.01, False)
+    assert DefaultSettings.quick().align_standardize and isinstance(DefaultSettings().align_weight_decay, float)
 
 
 def test_quick_build_is_the_default_recipe_shorter_with_images_first(monkeypatch, tmp_path, load_script):
