@@ -689,7 +689,8 @@ def test_build_script_sets_the_stage_mixes(monkeypatch, tmp_path, load_script):
     script.main(["--quick", "--root", str(tmp_path), "--align-weights", '{"image": 2}', "--align-weight-decay",
                  "0.01", "--no-align-standardize"])  # the align step's settings (docs/RESULTS.md, "Centred inputs")
     settings = calls[1]["settings"]
-    assert (settings.align_weights, settings.align_weight_decay, settings.align_standardize) == ({"image": 2}, 0.01, False)
+    assert (settings.align_weights, settings.align_weight_decay, settings.align_standardize) == \
+        ({"image": 2}, 0.01, False)
     assert DefaultSettings.quick().align_standardize and isinstance(DefaultSettings().align_weight_decay, float)
 
 

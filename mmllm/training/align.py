@@ -179,9 +179,10 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
     the saved projectors read the raw states as before. The LLM's states at signal tokens sit
     far from zero with a small spread between requests, which slows the fit; on the quick toy
     model the held-back L2 after 4000 steps falls from 0.32 / 0.10 / 0.06 (image / video /
-    audio) to 0.09 / 0.03 / 0.03 (docs/RESULTS.md, "Centred inputs for the align step"). Returns the losses (first and last tenth of the run,
-    and per modality; the loss is on the standardised inputs, the same function), counts and
-    timing.
+    audio) to 0.09 / 0.03 / 0.03 (docs/RESULTS.md, "Centred inputs for the align step").
+
+    Returns the losses (first and last tenth of the run, and per modality; with
+    ``standardize`` they are of the standardised fit, the same function), counts and timing.
     """
     from tqdm.auto import tqdm
 
