@@ -55,11 +55,15 @@ def work_directory(path: str | os.PathLike, kind: str = "tmp") -> Path:
     """A new empty directory beside ``path`` to fill and later rename onto it, made after
     clearing what killed processes left there (``remove_abandoned``). Its mode follows the
     umask, so the renamed result is as readable as any directory the user makes."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(path)
+    return _new_sibling(path, kind)
+
+
+def _new_sibling(path: Path, kind: str) -> Path:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     while True:  # os.mkdir, not tempfile.mkdtemp: the directory gets the umask's mode, not 0700
         work = path.parent / f".{path.name}.{kind}-{_owner()}-{secrets.token_hex(4)}"
         try:
@@ -83,7 +87,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
-            old = work_directory(path, "old")
+            old = _new_sibling(path, "old")  # the parent was cleared when tmp was made
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

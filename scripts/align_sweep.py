@@ -140,7 +140,7 @@ def main(argv=None) -> list[dict]:
         model.output_projectors = copy.deepcopy(start)
         with projector_dropout(model, v["dropout"]):
             result = align_output_projectors(model, steps=v["steps"], batch_size=v["batch"], lr=v["lr"],
-                                             weight_decay=v["wd"], weights=v["weights"] or None,
+                                             weight_decay=v["wd"], weights=v["weights"],
                                              standardize=v["standardize"], seed=args.seed,
                                              progress=not args.no_progress, reinit=True, val_examples=args.val,
                                              cache=cache.take(v["train"], args.val))

@@ -154,11 +154,10 @@ class DefaultSettings:
         """The stages of ``build_default.py --quick`` (under 30 minutes from nothing on 2 CPU
         cores with ``BuildSettings.quick()``): the default recipe with a sixth of stage 2, half of
         the align steps on 400 requests per output modality, and a stage 1 that reads the image
-        captions twice and first. Align steps cost 0.03 s each; on one stage-2 model the image
-        projector's held-back L2 was 0.35 after 2000, 0.18 after 4000 and 0.11 after 8000, but
-        a build with 6000 ended at 0.19-0.21, as builds with 4000 did: the fit to 400 requests
-        varies more from build to build than with the steps (docs/RESULTS.md, "The quick build"
-        and "The quick build back under 30 minutes"). Its stages and the align step's LLM pass
+        captions twice and first. Align steps cost 0.03 s each. Fitted on unscaled states, the
+        image projector underfit (held-back L2 0.18-0.32 after 4000 steps); on standardised
+        ones (``align_standardize``) 4000 steps give 0.07-0.09, and 950 requests at 2000 steps
+        no better for more time (docs/RESULTS.md, "Centred inputs for the align step"). Its stages and the align step's LLM pass
         run in bf16 mixed precision where the machine has it natively (``precision="auto"``).
 
         Stage 1 is one epoch (``stage1_steps=0``). The image projector alone reads colour only
@@ -455,7 +454,7 @@ def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[st
     result = align_output_projectors(model, conversations=conversations, data_root=str(Path(conversations[0]).parent),
                                      steps=settings.align_steps, batch_size=settings.align_batch,
                                      lr=settings.align_lr, weight_decay=settings.align_weight_decay,
-                                     weights=settings.align_weights or None, seed=settings.seed, progress=progress,
+                                     weights=settings.align_weights, seed=settings.seed, progress=progress,
                                      max_examples=settings.align_examples, reinit=settings.align_reinit,
                                      val_examples=settings.align_val_examples, precision=autocast,
                                      standardize=settings.align_standardize)
