@@ -592,7 +592,9 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
                     "stage1_run": info1, "stage2_run": info2, "align_run": info3,
                     "components": component_ids, "generation_settings": generation, "built_at": time.time()}
             (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: marks it complete
-    log(f"toy MMLLM ready in {final} ({time.time() - t0:.0f} s this run; mmllm.load() now uses it)")
+    uses = ("mmllm.load() now uses it" if final.resolve() == model_dir().resolve() else
+            f"mmllm.load({str(final)!r}) opens it; mmllm.load() uses {model_dir()}")
+    log(f"toy MMLLM ready in {final} ({time.time() - t0:.0f} s this run; {uses})")
     return final
 
 
