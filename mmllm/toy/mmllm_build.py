@@ -157,8 +157,9 @@ class DefaultSettings:
         captions twice and first. Align steps cost 0.03 s each. Fitted on unscaled states, the
         image projector underfit (held-back L2 0.18-0.32 after 4000 steps); on standardised
         ones (``align_standardize``) 4000 steps give 0.07-0.09, and 950 requests at 2000 steps
-        no better for more time (docs/RESULTS.md, "Centred inputs for the align step"). Its stages and the align step's LLM pass
-        run in bf16 mixed precision where the machine has it natively (``precision="auto"``).
+        no better for more time (docs/RESULTS.md, "Centred inputs for the align step"). Its
+        stages and the align step's LLM pass run in bf16 mixed precision where the machine has
+        it natively (``precision="auto"``).
 
         Stage 1 is one epoch (``stage1_steps=0``). The image projector alone reads colour only
         after 80-120 batches of image captions, and a quarter of the default's alternating
