@@ -41,9 +41,11 @@ def example_messages(media: dict[str, Path], accepted: tuple[str, ...]) -> list[
     def files(modality):
         return [str(media[modality])] if modality in accepted else []
 
+    # The toy model learned requests that name every attribute; asked a bare "Draw a red
+    # circle." the 2026-12-07 default answered with a video (docs/STATUS.md).
     return [
         {"text": "Describe this image.", "files": files("image")},
-        {"text": "Draw a red circle.", "files": []},
+        {"text": "Draw a large red circle in the middle.", "files": []},
         {"text": "What sound is this?", "files": files("audio")},
         {"text": "Make it move left.", "files": files("video")},
     ]
