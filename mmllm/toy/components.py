@@ -92,9 +92,9 @@ def _check_components(names, where: str) -> None:
 class BuildSettings:
     """Step counts, batch sizes and pool sizes of every component's training run.
 
-    With the defaults a build from nothing takes about 50 minutes on 2 CPU cores, the
-    decoders about 40 of them (2026-11-30, docs/TOY.md); ``BuildSettings.fast()`` is a few
-    steps each, for tests.
+    With the defaults a build from nothing takes about 32 minutes on 2 CPU cores, the
+    decoders 26 of them (2026-12-07, docs/RESULTS.md "The default rebuilt from nothing");
+    ``BuildSettings.fast()`` is a few steps each, for tests.
     """
 
     steps: dict = field(default_factory=lambda: {

@@ -58,8 +58,8 @@ LATER_SETTINGS = {"brief_requests": {}, "stage2_group_by_length": 0, "stage2_mix
 class DefaultSettings:
     """Data sizes and training settings of the toy MMLLM.
 
-    With the defaults, both stages and the align step take about 88 minutes on a 2-core CPU
-    (2026-11-30: stage 1 3 min, stage 2 69 min, align 15 min; docs/RESULTS.md has the measured
+    With the defaults, both stages and the align step take about 82 minutes on a 2-core CPU
+    (2026-12-07: stage 1 4 min, stage 2 66 min, align 12 min; docs/RESULTS.md has the measured
     times); ``DefaultSettings.fast()`` is a few steps, for tests.
     """
 
