@@ -22,16 +22,28 @@ TINY_LLM = {"llm": {"source": None, "tokenizer": "smollm2", "init": "random", "d
                              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}}}
 
 
+BUILD_LOG: list[str] = []  # what the module's build (``built``) logged
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_default")
     settings = DefaultSettings.fast()
     path = build_default(root, fast=True, settings=settings, progress=False, config_overrides=TINY_LLM,
-                         log=lambda _: None)
+                         log=BUILD_LOG.append)
     return root, path
 
 
 # --------------------------------------------------------------------------- build pipeline
+
+
+def test_build_log_names_how_to_open_a_model_built_outside_the_default_root(built):
+    """A build under another --root must not claim that mmllm.load() now uses it."""
+    root, path = built
+    assert model_dir().resolve() != path.resolve()
+    assert f"mmllm.load({str(path)!r}) opens it" in BUILD_LOG[-1]
+    assert f"mmllm.load() uses {model_dir()}" in BUILD_LOG[-1]
+    assert "now uses it" not in BUILD_LOG[-1]
 
 
 def test_build_runs_both_stages_into_a_loadable_model(built):
