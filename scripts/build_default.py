@@ -52,8 +52,8 @@ def main(argv=None) -> None:
     parser.add_argument("--force", action="store_true", help="retrain both stages")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument("--component-split", choices=("train", "all"), default=None,
-                        help="world split the frozen components train on (default train; the stages "
-                             "always train on the train split), see docs/TOY.md")
+                        help="world split every frozen component trains on (default: train, the audio decoder "
+                             "all; the stages always train on the train split), see docs/TOY.md")
     parser.add_argument("--stage2-mix", choices=MIXES, default=None,
                         help="how stage 2's files share batches (default alternate; TrainConfig.mix)")
     parser.add_argument("--stage1-mix", choices=MIXES, default=None,

@@ -37,7 +37,8 @@ def main(argv=None) -> None:
     parser.add_argument("--clip-shape-groups", type=int, default=None, metavar="N",
                         help="groups of shape hard negatives per CLIP batch (default: BuildSettings')")
     parser.add_argument("--split", choices=("train", "all"), default=None,
-                        help="world split the components train on (default: BuildSettings', train)")
+                        help="world split the components train on (default: BuildSettings': train, "
+                             "the audio decoder all)")
     parser.add_argument("--video-unet", choices=VIDEO_UNETS, default=None,
                         help="video decoder UNet: unet3d (TextToVideoSDPipeline, the default) or motion "
                              "(the image UNet with AnimateDiff motion modules, AnimateDiffPipeline)")

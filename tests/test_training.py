@@ -533,6 +533,38 @@ def test_align_reinit_starts_from_the_seeded_initialisation_and_caps_the_cache(b
     assert sum(capped.counts().values()) < sum(full.counts().values())  # stopped before the end
 
 
+def test_align_projectors_refit_an_output_projector_of_another_form_and_the_config_records_it(
+        base_model, data, fresh, tmp_path):
+    """projectors=: the named modality's projector is replaced by a fresh one of the given
+    type before the fit, the others keep theirs; the config records the new form, so the
+    saved model reloads it with the fitted weights; a bad modality or type says the fix."""
+    import mmllm
+    from mmllm.training import align_output_projectors, cache_signal_states
+    from projectors import OUTPUT_PROJECTORS
+
+    model = fresh(base_model)
+    cache = cache_signal_states(model, generation=data["generation"], data_root=data["root"], progress=False)
+    m, other = sorted(cache.counts())[:2]
+    was = model.config.outputs[m].projector.type
+    new_type = next(t for t in ("linear", "transformer") if t != was)
+    other_type = type(model.output_projectors[other])
+    result = align_output_projectors(model, cache=cache, steps=40, batch_size=4, lr=1e-2, progress=False,
+                                     projectors={m: {"type": new_type}})
+    assert type(model.output_projectors[m]) is OUTPUT_PROJECTORS.get(new_type)
+    assert type(model.output_projectors[other]) is other_type
+    assert model.config.outputs[m].projector.type == new_type and result.final_loss < result.first_loss
+    model.save_pretrained(tmp_path / "m")
+    back = mmllm.load(tmp_path / "m")
+    assert back.config.outputs[m].projector.type == new_type
+    x, e = cache.states[m][:2], cache.embeds[m].expand(2, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(back.output_projectors[m](x, e), model.output_projectors[m](x, e))
+    with pytest.raises(ValueError, match="does not output"):
+        align_output_projectors(model, cache=cache, steps=1, progress=False, projectors={"smell": {"type": "linear"}})
+    with pytest.raises(KeyError, match="transformer"):  # the registry lists the known names
+        align_output_projectors(model, cache=cache, steps=1, progress=False, projectors={m: {"type": "lineer"}})
+
+
 def test_align_val_examples_are_held_back_and_scored(base_model, data, fresh):
     """val_examples: the last cached sequences of each modality are not trained on, and
     val_loss is the final projectors' MSE on exactly them."""

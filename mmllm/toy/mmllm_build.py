@@ -51,7 +51,7 @@ HINT = ("the toy default is not built; run `python scripts/build_default.py` (~1
 # Settings added after the shipped default was built, with their off values.
 LATER_SETTINGS = {"brief_requests": {}, "stage2_group_by_length": 0, "stage2_mix": "alternate", "precision": "fp32",
                   "stage1_mix": "alternate", "stage1_passes": {}, "align_weight_decay": 0.0,
-                  "align_weights": {}}
+                  "align_weights": {}, "align_projectors": {}}
 
 
 @dataclass
@@ -135,6 +135,13 @@ class DefaultSettings:
     # projector rate they sit in a collapsed state that 1500 steps at 1e-3 do not leave
     # (L2 0.49 from the trained state against 0.17 from a fresh one, docs/RESULTS.md).
     align_reinit: bool = True
+    # modality -> the output projector the align step fits in place of the stages' one
+    # (align_output_projectors' projectors; recorded in the model's config). Audio is linear:
+    # the toy world has 18 train-split audio specs, and the transformer projector learned
+    # them as a lookup, mapping a held-out "three low beeps" onto a trained caption (nearest
+    # caption pitch 0.46, count 0.35 held-out); a linear map composes the request's words
+    # (1.00, 1.00), docs/RESULTS.md "A linear audio projector".
+    align_projectors: dict = field(default_factory=lambda: {"audio": {"type": "linear"}})
     # Both stages' precision and the align step's LLM pass (TrainConfig.precision): "bf16" is
     # mixed precision (fp32 weights, bf16 matmuls under autocast), "auto" bf16 where the
     # machine computes it natively. The default build was measured in fp32; the quick one uses
@@ -205,7 +212,7 @@ class DefaultSettings:
         s2 = (*s1, "describe_share", "focus_questions", "brief_requests", "stage2_steps", "stage2_batch",
               "stage2_group_by_length", "stage2_mix", "stage2_lr", "stage2_projector_lr", "lora")
         align = (*s2, "align_steps", "align_batch", "align_lr", "align_weight_decay", "align_weights",
-                 "align_examples", "align_val_examples", "align_reinit", "align_standardize")
+                 "align_examples", "align_val_examples", "align_reinit", "align_standardize", "align_projectors")
         keys = {"stage1": s1, "stage2": s2, "align": align}[stage]
         model_config = model_config or {}
         data = {"settings": {k: getattr(self, k) for k in keys if not self.is_off(k)},
@@ -458,7 +465,7 @@ def _run_align(out: Path, fingerprint: str, stage2: Path, conversations: list[st
                                      weights=settings.align_weights, seed=settings.seed, progress=progress,
                                      max_examples=settings.align_examples, reinit=settings.align_reinit,
                                      val_examples=settings.align_val_examples, precision=autocast,
-                                     standardize=settings.align_standardize)
+                                     standardize=settings.align_standardize, projectors=settings.align_projectors)
     model.save_pretrained(out / "model")
     _relocatable(out / "model", tree=out.parent.parent)
     info = {"fingerprint": fingerprint, "seconds": result.seconds, "steps": result.steps,

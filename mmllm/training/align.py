@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from mmllm.llm import resolve_dtype
 
+from projectors import OUTPUT_PROJECTORS
+
 from .collate import Collator
 from .config import mixed_precision
 from .data import DataReport, ExampleBuilder, RowError, StreamingData, sources_from
@@ -160,7 +162,8 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
                             progress: bool = True, max_examples: int | None = None,
                             reinit: bool = False, val_examples: int = 0,
                             cache: SignalCache | None = None, precision: str = "fp32",
-                            weights: dict | None = None, standardize: bool = True) -> AlignResult:
+                            weights: dict | None = None, standardize: bool = True,
+                            projectors: dict | None = None) -> AlignResult:
     """Train the output projectors alone, on cached states (see the module docstring).
 
     Each step takes ``batch_size`` cached sequences of one modality (modalities in turn)
@@ -174,6 +177,13 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
     settings share one cache (``scripts/align_sweep.py``). ``precision``: the LLM pass's, as in
     ``cache_signal_states``. ``weights``: modality -> its share of the steps (default 1 each;
     ``{"image": 2}`` gives the image projector half of them, interleaved evenly).
+    ``projectors``: modality -> a projector config (``{"type": "linear"}``, the
+    ``ProjectorConfig`` fields) that replaces that output projector, freshly initialised,
+    before the fit, and is recorded in ``model.config`` (so a saved model reloads it). The
+    stages' projector is discarded by ``reinit`` anyway; this chooses its successor's form
+    without retraining the LLM. On the toy world's audio, whose 27 specs leave 18 for
+    training, the ``transformer`` projector maps held-out pitch x count requests onto trained
+    ones and a ``linear`` one composes them (docs/RESULTS.md, "A linear audio projector").
     ``standardize``: train the projectors on inputs scaled to zero mean and unit spread per
     feature (``input_statistics``), then fold that scaling into their first linear layer, so
     the saved projectors read the raw states as before. The LLM's states at signal tokens sit
@@ -191,6 +201,8 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
     if reinit:  # fit the projectors to the cache from a fresh start, whatever earlier stages left
         for m in list(model.output_projectors):
             model.output_projectors[m] = model.new_output_projector(m)
+    for m, spec in (projectors or {}).items():
+        replace_output_projector(model, m, spec)
     set_trainable(model, "align_outputs")
     if cache is None:
         cache = cache_signal_states(model, generation, conversations, data_root, cache_batch_size, progress, report,
@@ -252,6 +264,21 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
                        examples=train_n, seconds=round(time.time() - start, 1), bad_rows=report.count,
                        val_loss=val_loss, train_loss={m: sum(v) / len(v) for m, v in tail.items()},
                        modality_steps={m: len(v) for m, v in by_modality.items()})
+
+
+def replace_output_projector(model, modality: str, spec: dict) -> None:
+    """Give ``model`` a freshly initialised output projector for ``modality`` of the form
+    ``spec`` (``ProjectorConfig`` fields: ``{"type": "linear"}``), recorded in its config."""
+    from mmllm.config import ProjectorConfig
+
+    outputs = model.config.outputs
+    if modality not in outputs:
+        raise ValueError(f"projectors names {modality!r}, which this model does not output; "
+                         f"its outputs are {sorted(outputs)}")
+    config = ProjectorConfig.from_dict(dict(spec))
+    OUTPUT_PROJECTORS.get(config.type)  # an unknown name fails here, listing the known ones
+    outputs[modality].projector = config
+    model.output_projectors[modality] = model.new_output_projector(modality)
 
 
 def input_statistics(cache: SignalCache, first: dict | None = None, eps: float = 1e-3) -> dict[str, tuple]:
