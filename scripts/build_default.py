@@ -64,6 +64,10 @@ def main(argv=None) -> None:
     parser.add_argument("--align-weights", type=json.loads, default=None, metavar="JSON",
                         help='each output modality\'s share of the align steps, e.g. \'{"image": 2}\' '
                              "(DefaultSettings.align_weights; default equal)")
+    parser.add_argument("--align-projectors", type=json.loads, default=None, metavar="JSON",
+                        help='output projectors the align step fits in place of the stages\' ones, e.g. '
+                             '\'{"audio": {"type": "linear"}}\' (DefaultSettings.align_projectors, the default; '
+                             "'{}' keeps the preset's)")
     parser.add_argument("--no-align-standardize", action="store_true",
                         help="fit the align step on unscaled states (DefaultSettings.align_standardize)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
@@ -108,6 +112,8 @@ def main(argv=None) -> None:
         settings.precision = args.precision
     if args.align_weights is not None:
         settings.align_weights = args.align_weights
+    if args.align_projectors is not None:
+        settings.align_projectors = args.align_projectors
     if args.no_align_standardize:
         settings.align_standardize = False
     components = getattr(BuildSettings, profile)() if profile else BuildSettings()

@@ -224,12 +224,16 @@ def test_later_settings_change_the_fingerprint_only_when_on():
 
     comps = {"clip": {"build_id": "x"}}
     base = DefaultSettings()
-    assert all(base.is_off(k) for k in LATER_SETTINGS)
+    # align_projectors is on by default (2026-12-07, a linear audio projector); at {} a build
+    # from before it keeps its align step.
+    assert [k for k in LATER_SETTINGS if not base.is_off(k)] == ["align_projectors"]
+    assert DefaultSettings(align_projectors={}).is_off("align_projectors")
     # Pinned: a change here invalidates every cached default (70 minutes of stage 2 on a CPU).
-    # If a recipe change means it, update the values. The align value changed on 2026-12-06 on
-    # purpose (align_standardize): a cached default reruns its align step alone (about 15 minutes).
+    # If a recipe change means it, update the values. The align value changed on 2026-12-06
+    # (align_standardize) and 2026-12-07 (align_projectors) on purpose: a cached default reruns
+    # its align step alone (about 15 minutes).
     assert [base.stage_fingerprint(s, comps) for s in ("stage1", "stage2", "align")] == \
-        ["0667fe8014b9a51b", "7a88fe161d31c80b", "977e3a54cd6deeac"]
+        ["0667fe8014b9a51b", "7a88fe161d31c80b", "899c1b4d0c724417"]
     for changed in (DefaultSettings(brief_requests={"image": 0.5}), DefaultSettings(stage2_group_by_length=8),
                     DefaultSettings(stage2_mix="spread")):
         assert changed.stage_fingerprint("stage1", comps) == base.stage_fingerprint("stage1", comps)
@@ -239,7 +243,8 @@ def test_later_settings_change_the_fingerprint_only_when_on():
         assert all(changed.stage_fingerprint(s, comps) != base.stage_fingerprint(s, comps)
                    for s in ("stage1", "stage2", "align"))
     for changed in (DefaultSettings(align_weight_decay=0.01), DefaultSettings(align_weights={"image": 2}),
-                    DefaultSettings(align_standardize=False)):  # the align step alone reruns
+                    DefaultSettings(align_standardize=False), DefaultSettings(align_projectors={})):
+        # the align step alone reruns
         assert [changed.stage_fingerprint(s, comps) == base.stage_fingerprint(s, comps)
                 for s in ("stage1", "stage2", "align")] == [True, True, False]
 
@@ -699,10 +704,11 @@ def test_build_script_sets_the_stage_mixes(monkeypatch, tmp_path, load_script):
     assert (settings.stage1_steps, settings.stage2_group_by_length) == (176, 8)
     assert settings.stage2_steps == DefaultSettings.quick().stage2_steps  # the rest stays --quick's
     script.main(["--quick", "--root", str(tmp_path), "--align-weights", '{"image": 2}', "--align-weight-decay",
-                 "0.01", "--no-align-standardize"])  # the align step's settings (docs/RESULTS.md, "Centred inputs")
+                 "0.01", "--no-align-standardize", "--align-projectors", "{}"])  # the align step's settings
     settings = calls[1]["settings"]
     assert (settings.align_weights, settings.align_weight_decay, settings.align_standardize) == \
         ({"image": 2}, 0.01, False)
+    assert settings.align_projectors == {} and DefaultSettings.quick().align_projectors == {"audio": {"type": "linear"}}
     assert DefaultSettings.quick().align_standardize and isinstance(DefaultSettings().align_weight_decay, float)
 
 
