@@ -33,7 +33,9 @@ Choices, for a model that trains on 2 CPU cores:
   (held-out 0.38; with the per-token tokens 1.00).
 - outputs: 4 / 8 / 8 signal tokens (NExT-GPT uses 24 for video; 8 keep sequences
   short) and a small ``transformer`` projector (d_model 64, 2 + 2 layers) into each
-  decoder's (32, 64) text-conditioning space.
+  decoder's (32, 64) text-conditioning space. The build's align step replaces the audio
+  one by a ``linear`` projector (``DefaultSettings.align_projectors``), which composes
+  held-out pitch x count requests where the transformer memorised the 18 trained specs.
 """
 
 from __future__ import annotations
