@@ -14,8 +14,8 @@ import torch
 
 MEDIA_KEYS = ("image", "audio", "video")
 # generate() keywords that go to the diffusion decoders rather than to the LLM.
-DECODER_SETTINGS = ("guidance_scale", "num_inference_steps", "height", "width", "num_frames", "fps",
-                    "audio_length_in_s")
+DECODER_SETTINGS = ("guidance_scale", "guidance_rescale", "num_inference_steps", "height", "width", "num_frames",
+                    "fps", "audio_length_in_s")
 RESULT_FIELD = {"image": "images", "audio": "audio", "video": "videos"}
 
 

@@ -342,11 +342,16 @@ class StableDiffusionDecoder(_TokenLevelDecoder):
     backend = "stable_diffusion"
     pipeline_class = "StableDiffusionPipeline"
     tiny_builder = "tiny_stable_diffusion"
-    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, "height": None, "width": None}
+    # guidance_rescale (diffusers' ``guidance_rescale``, Lin et al. 2023): rescales the guided
+    # noise prediction toward the conditional one's spread; 0.7 is the paper's value for
+    # zero-terminal-SNR models, 0.0 (off) is the pipeline's default.
+    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, "guidance_rescale": 0.0, "height": None,
+                "width": None}
 
     def _call_kwargs(self, opts):
         # height/width None: the pipeline's default, unet.sample_size * vae_scale_factor.
-        return {"height": opts["height"], "width": opts["width"], "output_type": "pil"}
+        return {"height": opts["height"], "width": opts["width"], "guidance_rescale": opts["guidance_rescale"],
+                "output_type": "pil"}
 
     def _outputs(self, result, opts):
         return [ImageOutput(image) for image in result.images]

@@ -6,6 +6,7 @@
     python scripts/evaluate.py --tasks generation decoder  # generation against its ceiling
     python scripts/evaluate.py --tasks conditioning      # what the output projectors ask the decoders for (no rendering)
     python scripts/evaluate.py --tasks brief             # requests that leave attributes out ("Draw a blue square.")
+    python scripts/evaluate.py --tasks decoder --decoder-setting guidance_rescale=0.0  # another decoder setting
     python scripts/evaluate.py --out report.json         # also write the full report with examples
     python scripts/evaluate.py --newcomer                # only the README check: every colour x shape, large
 
@@ -21,6 +22,8 @@ import json
 import sys
 import time
 
+from mmllm.config import parse_setting
+from mmllm.generation import DECODER_SETTINGS
 from mmllm.toy.evaluate import TASKS, evaluate, newcomer_check, newcomer_table, table
 
 
@@ -43,8 +46,20 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cpu)")
     parser.add_argument("--newcomer", action="store_true",
                         help="only the README's newcomer check: 'What is in this picture?' on every colour x shape")
+    parser.add_argument("--decoder-setting", dest="decoder_settings", action="append", default=[],
+                        metavar="KEY=VALUE", help="a decoder setting for the generation, brief, decoder and dialogue "
+                        "tasks, over the model's own (repeatable), e.g. guidance_rescale=0.7")
     parser.add_argument("--out", default=None, help="write the full report (with example answers) as JSON")
     args = parser.parse_args(argv)
+    decoder_settings = {}
+    for text in args.decoder_settings:
+        try:
+            key, value = parse_setting(text)
+        except ValueError as e:
+            parser.error(str(e))
+        if key not in DECODER_SETTINGS:
+            parser.error(f"--decoder-setting {key!r} is not a decoder setting; use one of {list(DECODER_SETTINGS)}")
+        decoder_settings[key] = value
 
     import mmllm
 
@@ -58,10 +73,11 @@ def main(argv=None) -> None:
     else:
         splits = ("train", "test") if args.split == "both" else (args.split,)
         report = evaluate(model, splits=splits, n=args.n, gen_n=args.gen_n, seed=args.seed, tasks=args.tasks,
-                          modalities=args.modalities, batch=args.batch,
+                          modalities=args.modalities, batch=args.batch, **decoder_settings,
                           progress=lambda s: print(f"[{time.time() - start:5.0f} s] {s}", file=sys.stderr, flush=True))
         print(table(report))
-    report["settings"].update(model=args.model, seconds=round(time.time() - start, 1))
+    report["settings"].update(model=args.model, decoder_settings=decoder_settings,
+                              seconds=round(time.time() - start, 1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

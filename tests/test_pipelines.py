@@ -183,6 +183,19 @@ def test_same_seed_repeats_and_different_seed_differs(cases, modality):
     assert not np.array_equal(a, c)
 
 
+def test_guidance_rescale_reaches_the_pipeline(cases):
+    # guidance_rescale (for zero-terminal-SNR decoders) is the pipeline's own argument: the
+    # same pixels as a direct call with it, other pixels than without it.
+    case = cases["image"]
+    embeds = torch.randn(1, *case.decoder.conditioning_shape, generator=torch.Generator().manual_seed(6))
+    negative = case.decoder.negative_embeds(1)
+    ours = our_arrays(case.decoder.generate(embeds, seed=2, negative_prompt_embeds=negative, guidance_rescale=0.7))
+    assert np.array_equal(ours[0], case.direct(embeds, 2, negative_prompt_embeds=negative, guidance_rescale=0.7)[0])
+    assert not np.array_equal(ours[0], case.direct(embeds, 2, negative_prompt_embeds=negative)[0])
+    with pytest.raises(TypeError, match="guidance_rescale"):  # a video pipeline has no such argument
+        cases["video"].decoder.generate(cases["video"].decoder.encode_text(["x"]), seed=0, guidance_rescale=0.7)
+
+
 def test_settings_override_options_per_call(cases):
     decoder = cases["image"].decoder
     out = decoder.generate(decoder.encode_text(["x"]), seed=0, height=16, width=48)

@@ -9,7 +9,7 @@ import pytest
 
 import mmllm  # noqa: F401  (import order: mmllm before pipelines)
 from mmllm import api
-from mmllm.generation import GenerateResult
+from mmllm.generation import DECODER_SETTINGS, GenerateResult
 from mmllm.toy import oracle, world
 from mmllm.toy.evaluate import NEWCOMER_PROMPT, chance, evaluate, newcomer_check, newcomer_table, table
 from mmllm.toy.mmllm_build import BUILD_INFO, HINT, DefaultSettings, build_default, is_built, model_dir
@@ -457,6 +457,28 @@ def test_decoder_ceiling_renders_each_requests_true_caption():
     assert "| generation (true caption) | image | colour | 1.00 | 1.00 | 0.17 |" in table(report)
     with pytest.raises(ValueError, match="needs model.decoders"):
         evaluate(ScriptedModel(True), splits=("test",), gen_n=1, tasks=("decoder",), modalities=("image",))
+
+
+def test_evaluate_script_passes_decoder_settings_and_names_the_valid_ones(monkeypatch, load_script, tmp_path, capsys):
+    """``evaluate.py --decoder-setting guidance_rescale=0.7`` renders the ceiling with it and
+    records it in the report; a key that is no decoder setting stops with the valid ones."""
+    class WithDecoder(ScriptedModel):
+        def __init__(self):
+            super().__init__(perfect=False)
+            self.decoders = {"image": CaptionDecoder(False)}
+            self.decoders["image"].defaults = {"guidance_scale": 6.0, "guidance_rescale": 0.0}
+
+    model = WithDecoder()
+    monkeypatch.setattr(mmllm, "load", lambda *a, **k: model)
+    script = load_script("evaluate")
+    out = tmp_path / "report.json"
+    script.main(["--tasks", "decoder", "--modalities", "image", "--split", "test", "--gen-n", "2",
+                 "--decoder-setting", "guidance_rescale=0.7", "--out", str(out)])
+    assert model.decoders["image"].calls == [(None, {"guidance_rescale": 0.7})] * 2
+    assert json.loads(out.read_text())["settings"]["decoder_settings"] == {"guidance_rescale": 0.7}
+    with pytest.raises(SystemExit):
+        script.main(["--tasks", "decoder", "--decoder-setting", "guidance=0.7"])
+    assert "use one of" in capsys.readouterr().err and "guidance_rescale" in DECODER_SETTINGS
 
 
 def test_conditioning_task_reads_what_the_output_projector_asks_for(built):
