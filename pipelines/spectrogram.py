@@ -159,7 +159,7 @@ class SpectrogramDecoder(StableDiffusionDecoder):
         height = opts["height"] or spec.n_mels
         width = opts["width"] or spec.frames(spec.sample_rate)
         # "np": float images in [0, 1], no uint8 rounding before the inversion.
-        return {"height": height, "width": width, "guidance_rescale": opts["guidance_rescale"], "output_type": "np"}
+        return {**super()._call_kwargs(opts), "height": height, "width": width, "output_type": "np"}
 
     def to_waveform(self, images: np.ndarray, audio_length_in_s: Optional[float] = None) -> np.ndarray:
         """(B, n_mels, frames, 3) images in [0, 1] -> (B, S) float32 waveforms."""
