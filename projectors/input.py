@@ -60,14 +60,27 @@ class FlattenMLPProjector(InputProjector):
     encoder tokens through its own ``mlp2x_gelu``. ``per_token=True`` also appends every
     encoder token through a shared ``mlp2x_gelu`` (LLaVA-1.5's projector), so an attribute
     that every patch shows on its own (colour) reaches the LLM token by token as well as
-    mixed into the flattened map.
+    mixed into the flattened map. ``flat_dropout=p`` zeroes each training sample's flattened
+    tokens with probability ``p`` (never at inference), so the LLM must also learn to read
+    what the other tokens carry without them, and leans less on combinations the flattened
+    map learned; it needs ``summary_token`` or ``per_token``. ``side_linear=True`` makes the
+    summary and per-token maps one linear layer each instead of ``mlp2x_gelu``. On the toy
+    world neither option read held-out pairs better (docs/RESULTS.md, "Dropping the flattened
+    tokens, and linear side maps").
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_in_tokens: int, num_tokens: int = 4,
-                 hidden: int | None = None, summary_token: bool = False, per_token: bool = False):
+                 hidden: int | None = None, summary_token: bool = False, per_token: bool = False,
+                 flat_dropout: float = 0.0, side_linear: bool = False):
         super().__init__()
         if num_tokens < 1:
             raise ValueError(f"flatten_mlp needs num_tokens >= 1, got {num_tokens}")
+        if not 0.0 <= flat_dropout < 1.0:
+            raise ValueError(f"flatten_mlp flat_dropout must be in [0, 1), got {flat_dropout}")
+        if flat_dropout and not (summary_token or per_token):
+            raise ValueError("flatten_mlp flat_dropout would leave some samples with no tokens at all; "
+                             "set summary_token=True or per_token=True with it")
+        self.flat_dropout = float(flat_dropout)
         self.num_in_tokens = num_in_tokens
         self.num_tokens = num_tokens
         hidden = out_dim if hidden is None else hidden
@@ -77,8 +90,9 @@ class FlattenMLPProjector(InputProjector):
                                      nn.Linear(hidden, num_tokens * out_dim))
         else:  # hidden=0: one linear map
             self.mlp = nn.Linear(num_in_tokens * in_dim, num_tokens * out_dim)
-        self.summary = MLPProjector(in_dim, out_dim, 1) if summary_token else None
-        self.per_token = MLPProjector(in_dim, out_dim, num_in_tokens) if per_token else None
+        side = LinearProjector if side_linear else MLPProjector
+        self.summary = side(in_dim, out_dim, 1) if summary_token else None
+        self.per_token = side(in_dim, out_dim, num_in_tokens) if per_token else None
 
     def num_output_tokens(self, num_in_tokens: int) -> int:
         return (self.summary is not None) + self.num_tokens + (num_in_tokens if self.per_token is not None else 0)
@@ -89,7 +103,11 @@ class FlattenMLPProjector(InputProjector):
                              "it needs a fixed token count (fixed image size, audio length and frame count), or "
                              "use a per-token projector (mlp2x_gelu) or the resampler")
         flat = self.norm(x).flatten(1)  # (B, N * D_enc)
-        parts = [self.mlp(flat).view(x.shape[0], self.num_tokens, -1)]
+        flat_tokens = self.mlp(flat).view(x.shape[0], self.num_tokens, -1)
+        if self.training and self.flat_dropout:
+            keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.flat_dropout
+            flat_tokens = flat_tokens * keep.to(flat_tokens.dtype)
+        parts = [flat_tokens]
         if self.summary is not None:
             parts.insert(0, self.summary(x.mean(1, keepdim=True)))
         if self.per_token is not None:
