@@ -9,6 +9,8 @@
     python scripts/build_toy.py --root /tmp/a --split all   # components that see the held-out pairs too
     python scripts/build_toy.py --root /tmp/m --only video_decoder --video-unet motion
                                                       # an AnimateDiff video decoder (``animatediff``)
+    python scripts/build_toy.py --root /tmp/e --only video_decoder --text-tuning video_decoder=embeddings
+                                                      # a video decoder that learns its text tower's word embeddings
 
 Components already complete are skipped; see ``mmllm.toy.components`` for the layout.
 """
@@ -21,7 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mmllm.toy.components import COMPONENTS, VIDEO_UNETS, BuildSettings, build_components, default_root
+from mmllm.toy.components import COMPONENTS, TEXT_TUNING, VIDEO_UNETS, BuildSettings, build_components, default_root
 
 
 def main(argv=None) -> None:
@@ -42,6 +44,9 @@ def main(argv=None) -> None:
     parser.add_argument("--video-unet", choices=VIDEO_UNETS, default=None,
                         help="video decoder UNet: unet3d (TextToVideoSDPipeline, the default) or motion "
                              "(the image UNet with AnimateDiff motion modules, AnimateDiffPipeline)")
+    parser.add_argument("--text-tuning", nargs="+", default=[], metavar="DECODER=WHAT",
+                        help=f"train part of a decoder's text encoder with its UNet, WHAT one of {list(TEXT_TUNING)} "
+                             "(default: BuildSettings', every decoder frozen)")
     parser.add_argument("--evaluate", action="store_true", help="score with the oracles; writes quality.json")
     parser.add_argument("--eval-n", type=int, default=48, help="prompts per split and modality when evaluating")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -53,6 +58,14 @@ def main(argv=None) -> None:
         if not n.isdigit():
             parser.error(f"--steps takes NAME=N pairs, got {item!r}")
         steps[name] = int(n)
+    tuning = {}
+    for item in args.text_tuning:
+        name, _, what = item.partition("=")
+        if name not in COMPONENTS or not name.endswith("_decoder") or what not in TEXT_TUNING:
+            parser.error(f"--text-tuning takes DECODER=WHAT with DECODER one of "
+                         f"{[c for c in COMPONENTS if c.endswith('_decoder')]} and WHAT one of {list(TEXT_TUNING)}, "
+                         f"got {item!r}")
+        tuning[name] = what
     start = time.time()
     settings = BuildSettings.fast() if args.fast else BuildSettings()
     if args.clip_shape_groups is not None:
@@ -61,6 +74,8 @@ def main(argv=None) -> None:
         settings = replace(settings, split=args.split)
     if args.video_unet is not None:
         settings = replace(settings, video_unet=args.video_unet)
+    if tuning:
+        settings = replace(settings, text_tuning={**settings.text_tuning, **tuning})
     paths = build_components(args.root, device=args.device, seed=args.seed, steps=steps, settings=settings,
                              only=args.only, force=args.force, progress=not args.no_progress)
     print(f"toy components ready in {time.time() - start:.0f} s under {paths['clip'].parent}")

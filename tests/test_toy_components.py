@@ -111,6 +111,57 @@ def test_motion_video_unet_rebuilds_only_the_video_decoder_as_animatediff(root, 
         build_components(copy, settings=motion, only=["video_decoder"], progress=False, log=lambda _: None)
 
 
+def test_text_tuning_trains_the_decoders_own_copy_and_makes_it_a_training_input(root, tmp_path):
+    """The video decoder tunes its copy of CLIP's text tower by default ("all"); "embeddings"
+    trains the word embeddings alone and "frozen" nothing. CLIP's own tower is never touched,
+    and a tuned decoder joins the components the stages fingerprint."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    from mmllm.toy.components import clip_text_encoder, component_info, training_inputs
+
+    def weights(text_model):  # names without the "text_model." prefix, which some loaders drop
+        return {k.removeprefix("text_model."): v.clone() for k, v in text_model.state_dict().items()}
+
+    def tuned_names(directory):
+        video_text = weights(CLIPTextModel.from_pretrained(directory / "video_decoder" / "text_encoder"))
+        assert video_text.keys() == clip_tower.keys()
+        return {k for k, v in video_text.items() if not torch.equal(v, clip_tower[k])}
+
+    clip_tower = weights(clip_text_encoder(root / "clip"))
+    assert BuildSettings().recipe("video_decoder")["text_tuning"] == "all"
+    assert "text_tuning" not in BuildSettings().recipe("image_decoder")  # frozen: built roots stay valid
+    assert len(tuned_names(root)) > 1 and "embeddings.token_embedding.weight" in tuned_names(root)
+    assert list(training_inputs(component_info(root))) == ["clip", "audio_encoder", "video_decoder"]
+    built = {n: (root / n / MARKER).read_text() for n in COMPONENTS}
+    cases = (("embeddings", {"embeddings.token_embedding.weight"}, ["clip", "audio_encoder", "video_decoder"]),
+             ("frozen", set(), ["clip", "audio_encoder"]))
+    for tuning, expected, inputs in cases:
+        copy = tmp_path / tuning
+        shutil.copytree(root, copy)
+        settings = dataclasses.replace(BuildSettings.fast(), text_tuning={"video_decoder": tuning})
+        assert not is_complete(copy, "video_decoder", settings) and is_complete(copy, "image_decoder", settings)
+        build_components(copy, settings=settings, progress=False, log=lambda _: None)
+        assert is_complete(copy, "video_decoder", settings)
+        assert {n: (copy / n / MARKER).read_text() for n in COMPONENTS if n != "video_decoder"} == \
+            {n: built[n] for n in COMPONENTS if n != "video_decoder"}
+        assert tuned_names(copy) == expected
+        assert weights(clip_text_encoder(copy / "clip")).keys() == clip_tower.keys()
+        assert all(torch.equal(v, clip_tower[k]) for k, v in weights(clip_text_encoder(copy / "clip")).items())
+        found = training_inputs(component_info(copy))
+        assert list(found) == inputs
+        assert {k: v for k, v in found.items() if k != "video_decoder"} == \
+            {k: component_info(copy)[k]["build_id"] for k in ("clip", "audio_encoder")}
+        if "video_decoder" in inputs:
+            assert found["video_decoder"] == component_info(copy)["video_decoder"]["build_id"]
+    words = BuildSettings(text_tuning={"video_decoder": "words"})
+    with pytest.raises(ValueError, match=r"text_tuning\['video_decoder'\] must be one of \['frozen', 'embeddings', 'all'\]"):
+        words.recipe("video_decoder")
+    with pytest.raises(ValueError, match="has no text encoder to tune; name a decoder"):
+        BuildSettings(text_tuning={"clip": "all"}).recipe("clip")
+
+
 def test_shape_groups_differ_only_in_shape_and_keep_out_held_out_pairs():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -306,3 +357,19 @@ def test_image_feature_probes_report_every_feature_attribute_and_newcomer_image(
     load_script("probe_clip").main(["--root", str(root), "--n-train", "24", "--n-test", "8"])
     out = capsys.readouterr().out
     assert "| class token |" in out and "| all tokens |" in out and "newcomer shape" in out
+
+
+def test_build_toy_script_sets_text_tuning_and_rejects_bad_pairs(load_script, monkeypatch, tmp_path, capsys):
+    script = load_script("build_toy")
+    calls = []
+    monkeypatch.setattr(script, "build_components", lambda root, **kw: calls.append(kw) or {"clip": tmp_path / "clip"})
+    script.main(["--root", str(tmp_path), "--only", "video_decoder", "--text-tuning", "video_decoder=embeddings",
+                 "image_decoder=all"])
+    assert calls[0]["settings"].text_tuning == {"video_decoder": "embeddings", "image_decoder": "all"}
+    assert calls[0]["only"] == ["video_decoder"]
+    script.main(["--root", str(tmp_path)])
+    assert calls[1]["settings"].text_tuning == BuildSettings().text_tuning  # the default: video "all"
+    for bad in ("clip=all", "video_decoder=some", "video_decoder"):
+        with pytest.raises(SystemExit):
+            script.main(["--root", str(tmp_path), "--text-tuning", bad])
+        assert "--text-tuning takes DECODER=WHAT" in capsys.readouterr().err

@@ -154,6 +154,9 @@ def test_changed_settings_fingerprint_differs():
     for stage in ("stage1", "stage2", "align"):
         assert a.stage_fingerprint(stage, comps) == a.stage_fingerprint(stage, {**comps, "image_decoder": {"build_id": "z"}})
         assert a.stage_fingerprint(stage, comps) != a.stage_fingerprint(stage, {**comps, "audio_encoder": {"build_id": "z"}})
+        # A decoder that tuned its text encoder holds its own conditioning: the stages' L2 targets.
+        tuned = {"build_id": "z", "recipe": {"text_tuning": "embeddings"}}
+        assert a.stage_fingerprint(stage, comps) != a.stage_fingerprint(stage, {**comps, "video_decoder": tuned})
 
 
 def test_generation_settings_stay_out_of_the_stage_fingerprints(built):

@@ -12,7 +12,8 @@ mmllm's real backends, exactly as a downloaded checkpoint would be::
     <root>/audio_decoder/   StableDiffusionPipeline drawing 16x64 log-mel spectrograms,
                             + spectrogram.json (``spectrogram_sd``: Griffin-Lim inversion)
     <root>/video_decoder/   diffusers TextToVideoSDPipeline, 4 frames of 32x32 (``text_to_video_sd``);
-                            its UNet3D starts from the image decoder's UNet
+                            its UNet3D starts from the image decoder's UNet, and its copy of the
+                            CLIP text tower is tuned with it (``BuildSettings.text_tuning``)
 
 ``build_components(root)`` builds whatever is missing. A directory is complete when its
 ``toy_component.json`` exists, records the recipe the current ``BuildSettings`` give it
@@ -57,6 +58,7 @@ MOTION_HEADS = 4  # attention heads of the motion modules
 SAMPLE_RATE = 16000
 MAX_TEXT_LENGTH = 32  # the longest world caption is 19 word-level tokens
 MARKER = "toy_component.json"
+TEXT_TUNING = ("frozen", "embeddings", "all")  # BuildSettings.text_tuning
 COMPONENTS = ("clip", "audio_encoder", "vae", "image_decoder", "audio_decoder", "video_decoder")
 DEPENDS = {
     "clip": (),
@@ -67,9 +69,12 @@ DEPENDS = {
     "video_decoder": ("clip", "vae", "image_decoder"),  # its UNet starts from the image UNet
 }
 # What the MMLLM's training stages read from the components: the encoders, and the decoders'
-# conditioning space, which is a frozen copy of these encoders' text towers (image and video
-# decoders: CLIP's; audio decoder: the audio encoder's). A decoder retrained on the same tower
-# (more steps, another UNet) changes no input and no target, so it does not retrain the LLM.
+# conditioning space, which is a frozen copy of these encoders' text towers (image decoder:
+# CLIP's; audio decoder: the audio encoder's). A decoder retrained on the same tower (more
+# steps, another UNet) changes no input and no target, so it does not retrain the LLM. A
+# decoder whose text encoder was tuned with its UNet (``BuildSettings.text_tuning``; the video
+# decoder by default) holds its own conditioning space, so it is a training input too
+# (``training_inputs``).
 TRAINING_INPUTS = ("clip", "audio_encoder")
 # SD-1.x noise schedule, shared by training and the saved DDIM sampler, rescaled to zero
 # terminal SNR with v-prediction and trailing timesteps (Lin et al. 2024, "Common Diffusion
@@ -139,6 +144,16 @@ class BuildSettings:
     # old noise schedule it drew direction no better than the UNet3D (both at chance), and
     # on the zero-SNR one it is untested (docs/TOY.md, "Zero terminal SNR").
     video_unet: str = "unet3d"
+    # What a decoder trains of its text encoder beside its UNet (``TEXT_TUNING``), per decoder;
+    # "frozen" where unset: "embeddings" (the token embedding table, as textual inversion
+    # learns words a frozen tower never read) or "all". The toy CLIP has read only image
+    # captions, so "up" and "down" keep their random initial embeddings, and on the frozen
+    # tower the video decoder drew every downward motion upward (direction from true captions
+    # 0.79 / 0.71; "embeddings" 0.83 / 0.69; "all" 1.00 / 0.98: docs/RESULTS.md, "A video
+    # decoder that tunes its text encoder"). A real text-to-video model's CLIP has read
+    # "moving down". The tuned copy is saved with the decoder and is its conditioning space,
+    # so the MMLLM's stages and align step follow it (``training_inputs``).
+    text_tuning: dict = field(default_factory=lambda: {"video_decoder": "all"})
 
     @classmethod
     def fast(cls) -> "BuildSettings":
@@ -207,7 +222,20 @@ class BuildSettings:
             out["split"] = self.split_of(name)
         if name == "video_decoder" and self.video_unet != "unet3d":  # likewise
             out["video_unet"] = self.video_unet
+        if self.text_tuning_of(name) != "frozen":  # likewise
+            out["text_tuning"] = self.text_tuning_of(name)
         return out
+
+    def text_tuning_of(self, name: str) -> str:
+        """What decoder ``name`` trains of its text encoder (``text_tuning``; "frozen" if unset)."""
+        _check_components(self.text_tuning, "in BuildSettings.text_tuning")
+        tuning = self.text_tuning.get(name, "frozen")
+        if tuning not in TEXT_TUNING:
+            raise ValueError(f"BuildSettings.text_tuning[{name!r}] must be one of {list(TEXT_TUNING)}, got {tuning!r}")
+        if tuning != "frozen" and not name.endswith("_decoder"):
+            raise ValueError(f"BuildSettings.text_tuning names {name!r}, which has no text encoder to tune; "
+                             f"name a decoder: {[c for c in COMPONENTS if c.endswith('_decoder')]}")
+        return tuning
 
 
 def default_root() -> Path:
@@ -560,7 +588,8 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
                     name: str, device: str, rng: np.random.Generator, progress: bool,
                     to_unet: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
                     weights: Optional[torch.Tensor] = None, text_per_frame: int = 1) -> dict:
-    """The standard denoising loss (``PREDICTION``: v) on ``latents`` conditioned on the frozen text encoder.
+    """The standard denoising loss (``PREDICTION``: v) on ``latents`` conditioned on the text
+    encoder, frozen or partly trained with the UNet (``BuildSettings.text_tuning``).
 
     ``weights`` (broadcastable to ``latents``, e.g. (N, 1, h, w)) weight each latent
     position's squared error: ``loss_weights`` of the foreground, so objects count.
@@ -569,14 +598,19 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
     scheduler = _scheduler()
     alphas = scheduler.alphas_cumprod
     unet.to(device).train()
-    text_encoder.to(device).eval().requires_grad_(False)
+    text_encoder.to(device).eval().requires_grad_(False)  # eval: CLIP's text tower has no dropout to turn on
+    tuning = settings.text_tuning_of(name)
+    tuned = {"frozen": [], "embeddings": [text_encoder.get_input_embeddings().weight],
+             "all": list(text_encoder.parameters())}[tuning]
+    for p in tuned:
+        p.requires_grad_(True)
     steps, batch = settings.steps[name], settings.batch[name]
-    opt, sched = _optimizer(unet.parameters(), settings.lr[name], steps)
+    opt, sched = _optimizer([*unet.parameters(), *tuned], settings.lr[name], steps)
     losses = []
     for _ in (bar := _progress(range(steps), name, progress)):
         idx = rng.choice(len(specs), size=min(batch, len(specs)), replace=False)
         captions = [sample_caption(specs[i], rng, settings.canonical_fraction, settings.caption_dropout) for i in idx]
-        with torch.no_grad():
+        with torch.set_grad_enabled(bool(tuned)):
             cond = text_encoder(_tokens(tokenizer, captions, device))[0]  # (B, L, D), as encode_prompt does
             cond = cond.repeat_interleave(text_per_frame, dim=0)
         x0 = latents[idx].to(device)
@@ -590,14 +624,17 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         loss = err.mean() if weights is None else (to_unet(weights[idx].to(device).expand_as(x0)) * err).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *tuned], 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     unet.eval().to("cpu")
-    text_encoder.to("cpu")
-    return loss_summary(losses)
+    text_encoder.requires_grad_(False).to("cpu")
+    info = loss_summary(losses)
+    if tuned:
+        info["text_tuning"] = tuning
+    return info
 
 
 def _unet2d(sample_size, text_width: int):
@@ -836,5 +873,15 @@ def component_info(root: str | os.PathLike | None = None) -> dict[str, Optional[
     return {name: _marker(root / name) for name in COMPONENTS}
 
 
-__all__ = ["BuildSettings", "COMPONENTS", "TRAINING_INPUTS", "build_components", "build_tokenizer",
-           "component_info", "default_root", "is_complete"]
+def training_inputs(components: dict[str, Optional[dict]]) -> dict[str, Optional[str]]:
+    """``{name: build_id}`` of the components the MMLLM's stages read, given ``component_info``:
+    ``TRAINING_INPUTS`` and every decoder built with a tuned text encoder (its recipe's
+    ``text_tuning``), whose conditioning is its own. A decoder retrained on a frozen tower
+    changes no input and no target, so it is left out and the stages are kept."""
+    names = [*TRAINING_INPUTS, *(name for name, info in components.items()
+                                 if ((info or {}).get("recipe") or {}).get("text_tuning", "frozen") != "frozen")]
+    return {name: (components.get(name) or {}).get("build_id") for name in names}
+
+
+__all__ = ["BuildSettings", "COMPONENTS", "TEXT_TUNING", "TRAINING_INPUTS", "build_components", "build_tokenizer",
+           "component_info", "default_root", "is_complete", "training_inputs"]

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import world
-from .components import TRAINING_INPUTS, VIDEO_FRAMES, build_components, component_info, default_root, loss_summary
+from .components import VIDEO_FRAMES, build_components, component_info, default_root, loss_summary, training_inputs
 
 MODEL_DIR = "model"
 BUILD_INFO = "build.json"
@@ -201,9 +201,10 @@ class DefaultSettings:
     def stage_fingerprint(self, stage: str, components: dict, model_config: Optional[dict] = None,
                           whole_config: bool = False) -> str:
         """What a stage's result depends on: its settings, the data, the components it reads
-        (``components.TRAINING_INPUTS``: their ``toy_component.json`` build ids) and the model
+        (``components.training_inputs``: their ``toy_component.json`` build ids) and the model
         config without the decoders' generation settings (``training_view``). Retraining a
-        decoder's UNet, or changing its guidance, therefore keeps the stages.
+        decoder's UNet on a frozen text encoder, or changing its guidance, therefore keeps the
+        stages; a decoder that tuned its text encoder changed their L2 targets, and retrains them.
 
         ``whole_config=True`` hashes the whole config, as builds before 2026-12-06 recorded;
         ``build_default`` still accepts those (and rewrites them), so such a build stays valid."""
@@ -216,7 +217,7 @@ class DefaultSettings:
         keys = {"stage1": s1, "stage2": s2, "align": align}[stage]
         model_config = model_config or {}
         data = {"settings": {k: getattr(self, k) for k in keys if not self.is_off(k)},
-                "components": {k: (components.get(k) or {}).get("build_id") for k in TRAINING_INPUTS},
+                "components": training_inputs(components),
                 "model_config": model_config if whole_config else training_view(model_config)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
