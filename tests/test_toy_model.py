@@ -265,19 +265,24 @@ def test_stage1_passes_name_the_build_files():
 
 
 def test_a_retrained_decoder_keeps_the_stages_and_is_recorded(tmp_path):
-    """A decoder rebuilt with another recipe (here more steps) retrains no stage; the model
-    dir, which names it relatively, is re-recorded with its new build id and loads it."""
+    """A decoder on a frozen text tower rebuilt with another recipe (here more steps)
+    retrains no stage; the model dir, which names it relatively, is re-recorded with its new
+    build id and loads it. A rebuilt decoder that tunes its text tower (the video decoder by
+    default) changed the stages' L2 targets, so it retrains them."""
+    import dataclasses
+
     from mmllm.toy.components import BuildSettings
 
     def build(components):
         return build_default(tmp_path, fast=True, settings=DefaultSettings.fast(), component_settings=components,
                              progress=False, config_overrides=TINY_LLM, log=lambda _: None)
 
-    path = build(BuildSettings.fast())
+    frozen = dataclasses.replace(BuildSettings.fast(), text_tuning={})
+    path = build(frozen)
     stamps = lambda: {s: (tmp_path / "runs" / s / "done.json").stat().st_mtime_ns  # noqa: E731
                       for s in ("stage1", "stage2", "align")}
     before, old = stamps(), json.loads((path / BUILD_INFO).read_text())["components"]
-    build(BuildSettings.fast().override({"image_decoder": 3}))
+    build(frozen.override({"image_decoder": 3}))
     new = json.loads((path / BUILD_INFO).read_text())["components"]
     assert stamps() == before
     assert new["image_decoder"] != old["image_decoder"] and new["video_decoder"] != old["video_decoder"]
@@ -285,6 +290,13 @@ def test_a_retrained_decoder_keeps_the_stages_and_is_recorded(tmp_path):
         {k: old[k] for k in ("clip", "audio_encoder", "vae", "audio_decoder")}
     model = mmllm.load(str(path))
     assert model.config.outputs["image"].decoder.source == str(tmp_path / "image_decoder")
+    tuned = dataclasses.replace(frozen, text_tuning={"video_decoder": "all"}).override({"image_decoder": 3})
+    build(tuned)
+    retrained = stamps()
+    assert all(retrained[s] > before[s] for s in before)
+    assert json.loads((path / BUILD_INFO).read_text())["components"]["image_decoder"] == new["image_decoder"]
+    build(tuned)
+    assert stamps() == retrained  # and a second run rebuilds nothing
 
 
 def test_stage2_mix_gives_the_focus_attribute_its_own_conversations(tmp_path):
