@@ -23,7 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mmllm.toy.components import COMPONENTS, TEXT_TUNING, VIDEO_UNETS, BuildSettings, build_components, default_root
+from mmllm.toy.components import (COMPONENTS, DECODER_COMPONENTS, TEXT_TUNING, VIDEO_UNETS, BuildSettings,
+                                  build_components, default_root)
 
 
 def main(argv=None) -> None:
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
                              "(the image UNet with AnimateDiff motion modules, AnimateDiffPipeline)")
     parser.add_argument("--text-tuning", nargs="+", default=[], metavar="DECODER=WHAT",
                         help=f"train part of a decoder's text encoder with its UNet, WHAT one of {list(TEXT_TUNING)} "
-                             "(default: BuildSettings', every decoder frozen)")
+                             "(default: BuildSettings': the video decoder all, the others frozen)")
     parser.add_argument("--evaluate", action="store_true", help="score with the oracles; writes quality.json")
     parser.add_argument("--eval-n", type=int, default=48, help="prompts per split and modality when evaluating")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -61,10 +62,9 @@ def main(argv=None) -> None:
     tuning = {}
     for item in args.text_tuning:
         name, _, what = item.partition("=")
-        if name not in COMPONENTS or not name.endswith("_decoder") or what not in TEXT_TUNING:
-            parser.error(f"--text-tuning takes DECODER=WHAT with DECODER one of "
-                         f"{[c for c in COMPONENTS if c.endswith('_decoder')]} and WHAT one of {list(TEXT_TUNING)}, "
-                         f"got {item!r}")
+        if name not in DECODER_COMPONENTS or what not in TEXT_TUNING:
+            parser.error(f"--text-tuning takes DECODER=WHAT with DECODER one of {list(DECODER_COMPONENTS)} "
+                         f"and WHAT one of {list(TEXT_TUNING)}, got {item!r}")
         tuning[name] = what
     start = time.time()
     settings = BuildSettings.fast() if args.fast else BuildSettings()

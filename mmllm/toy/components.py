@@ -60,6 +60,7 @@ MAX_TEXT_LENGTH = 32  # the longest world caption is 19 word-level tokens
 MARKER = "toy_component.json"
 TEXT_TUNING = ("frozen", "embeddings", "all")  # BuildSettings.text_tuning
 COMPONENTS = ("clip", "audio_encoder", "vae", "image_decoder", "audio_decoder", "video_decoder")
+DECODER_COMPONENTS = tuple(c for c in COMPONENTS if c.endswith("_decoder"))
 DEPENDS = {
     "clip": (),
     "audio_encoder": ("clip",),  # reuses the CLIP tokenizer
@@ -219,7 +220,7 @@ class BuildSettings:
             out.update(corpus=self.corpus, shape_groups=self.clip_shape_groups)
         if name != "clip" and name != "audio_encoder":
             out["foreground_weight"] = self.foreground_weight
-        if name.endswith("_decoder"):
+        if name in DECODER_COMPONENTS:
             out.update(caption_dropout=self.caption_dropout, canonical_fraction=self.canonical_fraction,
                        zero_terminal_snr=SCHEDULE["rescale_betas_zero_snr"],  # decoders built before
                        prediction=PREDICTION)  # 2026-12-06 lack these two and rebuild
@@ -237,9 +238,9 @@ class BuildSettings:
         tuning = self.text_tuning.get(name, "frozen")
         if tuning not in TEXT_TUNING:
             raise ValueError(f"BuildSettings.text_tuning[{name!r}] must be one of {list(TEXT_TUNING)}, got {tuning!r}")
-        if tuning != "frozen" and not name.endswith("_decoder"):
+        if tuning != "frozen" and name not in DECODER_COMPONENTS:
             raise ValueError(f"BuildSettings.text_tuning names {name!r}, which has no text encoder to tune; "
-                             f"name a decoder: {[c for c in COMPONENTS if c.endswith('_decoder')]}")
+                             f"name a decoder: {list(DECODER_COMPONENTS)}")
         return tuning
 
 
@@ -888,5 +889,5 @@ def training_inputs(components: dict[str, Optional[dict]]) -> dict[str, Optional
     return {name: (components.get(name) or {}).get("build_id") for name in names}
 
 
-__all__ = ["BuildSettings", "COMPONENTS", "TEXT_TUNING", "TRAINING_INPUTS", "build_components", "build_tokenizer",
-           "component_info", "default_root", "is_complete", "training_inputs"]
+__all__ = ["BuildSettings", "COMPONENTS", "DECODER_COMPONENTS", "TEXT_TUNING", "TRAINING_INPUTS", "build_components",
+           "build_tokenizer", "component_info", "default_root", "is_complete", "training_inputs"]
