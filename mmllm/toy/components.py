@@ -637,10 +637,7 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     unet.eval().to("cpu")
     text_encoder.requires_grad_(False).to("cpu")
-    info = loss_summary(losses)
-    if tuned:
-        info["text_tuning"] = tuning
-    return info
+    return loss_summary(losses)  # the marker's recipe records any text tuning
 
 
 def _unet2d(sample_size, text_width: int):
