@@ -228,8 +228,8 @@ class BuildSettings:
             out["split"] = self.split_of(name)
         if name == "video_decoder" and self.video_unet != "unet3d":  # likewise
             out["video_unet"] = self.video_unet
-        if self.text_tuning_of(name) != "frozen":  # likewise
-            out["text_tuning"] = self.text_tuning_of(name)
+        if (tuning := self.text_tuning_of(name)) != "frozen":  # likewise
+            out["text_tuning"] = tuning
         return out
 
     def text_tuning_of(self, name: str) -> str:
