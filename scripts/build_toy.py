@@ -48,6 +48,9 @@ def main(argv=None) -> None:
     parser.add_argument("--text-tuning", nargs="+", default=[], metavar="DECODER=WHAT",
                         help=f"train part of a decoder's text encoder with its UNet, WHAT one of {list(TEXT_TUNING)} "
                              "(default: BuildSettings': the video decoder all, the others frozen)")
+    parser.add_argument("--text-lr-scale", type=float, default=None, metavar="F",
+                        help="learning rate of a tuned text encoder as a fraction of its decoder's "
+                             "(default: BuildSettings')")
     parser.add_argument("--evaluate", action="store_true", help="score with the oracles; writes quality.json")
     parser.add_argument("--eval-n", type=int, default=48, help="prompts per split and modality when evaluating")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -76,6 +79,8 @@ def main(argv=None) -> None:
         settings = replace(settings, video_unet=args.video_unet)
     if tuning:
         settings = replace(settings, text_tuning={**settings.text_tuning, **tuning})
+    if args.text_lr_scale is not None:
+        settings = replace(settings, text_lr_scale=args.text_lr_scale)
     paths = build_components(args.root, device=args.device, seed=args.seed, steps=steps, settings=settings,
                              only=args.only, force=args.force, progress=not args.no_progress)
     print(f"toy components ready in {time.time() - start:.0f} s under {paths['clip'].parent}")

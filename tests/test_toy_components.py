@@ -162,6 +162,33 @@ def test_text_tuning_trains_the_decoders_own_copy_and_makes_it_a_training_input(
         BuildSettings(text_tuning={"clip": "all"}).recipe("clip")
 
 
+def test_text_lr_scale_sets_the_tuned_towers_rate_and_is_recorded_only_when_it_matters():
+    """A tuned text tower trains at ``text_lr_scale`` times its decoder's rate, in its own
+    parameter group that follows the same schedule; the recipe records the scale only for a
+    decoder that tunes its text (so roots built before stay valid)."""
+    from mmllm.toy.components import _optimizer
+
+    unet, tower = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    opt, sched = _optimizer(unet.parameters(), 1e-3, 40, extra={"params": list(tower.parameters()), "lr": 1e-4})
+    rates = []
+    for _ in range(30):
+        rates.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert all(unet_lr > 0 and tower_lr == pytest.approx(unet_lr / 10) for unet_lr, tower_lr in rates)
+    assert len({unet_lr for unet_lr, _ in rates}) > 2  # both follow the warmup and cosine schedule
+    assert [p for g in opt.param_groups for p in g["params"]] == [*unet.parameters(), *tower.parameters()]
+    opt, _ = _optimizer(unet.parameters(), 1e-3, 40, extra={"params": [], "lr": 1e-4})  # frozen: one group
+    assert len(opt.param_groups) == 1
+
+    assert "text_lr_scale" not in BuildSettings().recipe("video_decoder")
+    slow = BuildSettings(text_lr_scale=0.1)
+    assert slow.recipe("video_decoder")["text_lr_scale"] == 0.1
+    assert "text_lr_scale" not in slow.recipe("image_decoder")  # its tower is frozen
+    with pytest.raises(ValueError, match="text_lr_scale must be positive"):
+        BuildSettings(text_lr_scale=0.0).recipe("video_decoder")
+
+
 def test_shape_groups_differ_only_in_shape_and_keep_out_held_out_pairs():
     rng = np.random.default_rng(0)
     for _ in range(20):

@@ -155,6 +155,9 @@ class BuildSettings:
     # "moving down". The tuned copy is saved with the decoder and is its conditioning space,
     # so the MMLLM's stages and align step follow it (``training_inputs``).
     text_tuning: dict = field(default_factory=lambda: {"video_decoder": "all"})
+    # The tuned text encoder's learning rate as a fraction of its decoder's (``lr``): a tower
+    # that moves as fast as a fresh UNet can drift from what the UNet has learned to read.
+    text_lr_scale: float = 1.0
 
     @classmethod
     def fast(cls) -> "BuildSettings":
@@ -230,6 +233,10 @@ class BuildSettings:
             out["video_unet"] = self.video_unet
         if (tuning := self.text_tuning_of(name)) != "frozen":  # likewise
             out["text_tuning"] = tuning
+            if not self.text_lr_scale > 0:
+                raise ValueError(f"BuildSettings.text_lr_scale must be positive, got {self.text_lr_scale!r}")
+            if self.text_lr_scale != 1.0:
+                out["text_lr_scale"] = self.text_lr_scale
         return out
 
     def text_tuning_of(self, name: str) -> str:
@@ -307,8 +314,13 @@ def loss_summary(losses: list[float], window: int = 50) -> dict:
     return {"first_loss": float(np.mean(losses[:k])), "final_loss": float(np.mean(losses[-k:]))}
 
 
-def _optimizer(params, lr: float, steps: int):
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=0.01)
+def _optimizer(params, lr: float, steps: int, extra: Optional[dict] = None):
+    """AdamW with warmup and a cosine decay over ``steps``; ``extra``, a parameter group
+    (``{"params": [...], "lr": ...}``) trained beside ``params`` at its own rate."""
+    groups = [{"params": [p for p in params if p.requires_grad]}]
+    if extra and extra["params"]:
+        groups.append(extra)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
     return opt, sched
 
@@ -611,7 +623,8 @@ def _train_denoiser(unet, latents: torch.Tensor, specs: list, text_encoder, toke
     for p in tuned:
         p.requires_grad_(True)
     steps, batch = settings.steps[name], settings.batch[name]
-    opt, sched = _optimizer([*unet.parameters(), *tuned], settings.lr[name], steps)
+    opt, sched = _optimizer(unet.parameters(), settings.lr[name], steps,
+                            extra={"params": tuned, "lr": settings.lr[name] * settings.text_lr_scale})
     losses = []
     for _ in (bar := _progress(range(steps), name, progress)):
         idx = rng.choice(len(specs), size=min(batch, len(specs)), replace=False)
