@@ -154,6 +154,31 @@ def test_flatten_mlp_flat_dropout_zeroes_whole_samples_in_training_only_and_side
     torch.testing.assert_close(side(x)[:, -n:], side.per_token.proj(x))  # one linear map per encoder token
 
 
+def test_flatten_mlp_similarity_input_reads_the_arrangement_not_a_shared_offset():
+    """With ``flat_input="similarity"`` the flattened tokens see which encoder tokens look
+    alike: adding one vector to every token (what every patch shows) or scaling them all leaves
+    them unchanged, moving a token's content changes them, and the side tokens still see it all."""
+    from projectors import build_input_projector
+
+    torch.manual_seed(0)
+    n, d = 5, 8
+    proj = build_input_projector("flatten_mlp", d, 12, n, num_tokens=2, hidden=0, per_token=True,
+                                 flat_input="similarity").eval()
+    assert proj.mlp.in_features == n * n and proj.num_output_tokens(n) == 2 + n
+    x = torch.randn(3, n, d)
+    offset = x + torch.randn(1, 1, d) * 3  # the same vector added at every position
+    moved = x.clone()
+    moved[:, [0, 1]] = moved[:, [1, 0]]  # two tokens swap places
+    with torch.no_grad():
+        out = proj(x)
+        torch.testing.assert_close(proj(offset)[:, :2], out[:, :2])
+        torch.testing.assert_close(proj(x * 2.5)[:, :2], out[:, :2])  # nor does the tokens' scale
+        assert not torch.allclose(proj(moved)[:, :2], out[:, :2], atol=1e-4)
+        assert not torch.allclose(proj(offset)[:, 2:], out[:, 2:])  # the per-token tokens do see the offset
+    with pytest.raises(ValueError, match=r"flat_input must be one of \['tokens', 'similarity'\]"):
+        build_input_projector("flatten_mlp", d, 12, n, flat_input="gram")
+
+
 def test_gated_prefix_is_identity_at_init():
     over = {"inputs": {"image": {"projector": {"type": "gated_prefix", "options": {"prompt_len": 3, "num_layers": 2}}}},
             "outputs": {}}
