@@ -165,6 +165,7 @@ def test_flatten_mlp_similarity_input_reads_the_arrangement_not_a_shared_offset(
     proj = build_input_projector("flatten_mlp", d, 12, n, num_tokens=2, hidden=0, per_token=True,
                                  flat_input="similarity").eval()
     assert proj.mlp.in_features == n * n and proj.num_output_tokens(n) == 2 + n
+    assert proj.norm is None  # no parameters that nothing reads
     x = torch.randn(3, n, d)
     offset = x + torch.randn(1, 1, d) * 3  # the same vector added at every position
     moved = x.clone()
