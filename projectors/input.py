@@ -97,8 +97,9 @@ class FlattenMLPProjector(InputProjector):
         self.num_in_tokens = num_in_tokens
         self.num_tokens = num_tokens
         hidden = out_dim if hidden is None else hidden
-        self.norm = nn.LayerNorm(in_dim) if flat_input == "tokens" else None  # the similarity is scale-free
-        flat_dim = num_in_tokens * (in_dim if flat_input == "tokens" else num_in_tokens)
+        reads_tokens = flat_input == "tokens"
+        self.norm = nn.LayerNorm(in_dim) if reads_tokens else None  # the similarity is scale-free
+        flat_dim = num_in_tokens * (in_dim if reads_tokens else num_in_tokens)
         if hidden:
             self.mlp = nn.Sequential(nn.Linear(flat_dim, hidden), nn.GELU(), nn.Linear(hidden, num_tokens * out_dim))
         else:  # hidden=0: one linear map
@@ -115,7 +116,7 @@ class FlattenMLPProjector(InputProjector):
             raise ValueError(f"flatten_mlp was built for {self.num_in_tokens} encoder tokens but got {x.shape[1]}; "
                              "it needs a fixed token count (fixed image size, audio length and frame count), or "
                              "use a per-token projector (mlp2x_gelu) or the resampler")
-        if self.norm is not None:
+        if self.flat_input == "tokens":
             flat = self.norm(x).flatten(1)  # (B, N * D_enc)
         else:
             z = nn.functional.normalize(x - x.mean(1, keepdim=True), dim=-1)
