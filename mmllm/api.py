@@ -3,52 +3,88 @@
 from __future__ import annotations
 
 import functools
-import logging
+import os
 from pathlib import Path
 
 from .config import MMLLMConfig, available_presets
 from .model import CONFIG_NAME, MMLLM
+from .shipped import DEFAULT_ENV, default_model, shipped_model_dir, shipped_models
 
-DEFAULT_MODEL = "smollm2"  # text only; used when the toy default is not built
-TOY = "toy"  # the embedded multimodal default, built by scripts/build_default.py
+
+def resolve(name_or_path: str | os.PathLike | None = None, revision: str | None = None) -> str | Path:
+    """Where ``load`` finds a model, in this order:
+
+    1. a local directory holding ``config.json`` (an mmllm model or a transformers Llava one);
+    2. a model that ships with the package (``"toy"``, the embedded default);
+    3. a preset (``mmllm/presets/*.json``);
+    4. a hub id (``org/name``), through ``huggingface_hub.snapshot_download``, which reads its
+       local cache when offline.
+
+    No name means ``$MMLLM_DEFAULT`` when set, else the shipped ``"toy"``. Returns the model
+    directory (a ``Path``) or the preset name (a ``str``).
+    """
+    name = os.fspath(name_or_path) if name_or_path is not None else default_model()
+    path = Path(name).expanduser()
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if path.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is a directory without {CONFIG_NAME}; point to a directory written "
+                                "by save_pretrained (or a transformers Llava checkpoint)")
+    if name in shipped_models():
+        return shipped_model_dir(name)
+    if name in available_presets():
+        return name
+    if _looks_like_hub_id(name):
+        return _from_hub(name, revision)
+    where = f" (from ${DEFAULT_ENV})" if name_or_path is None else ""
+    raise FileNotFoundError(
+        f"{name!r}{where} is not a model directory, a shipped model {shipped_models()}, a preset "
+        f"{available_presets()}, or a hub id (org/name)")
 
 
 def default_model_name() -> str:
-    """The toy MMLLM's directory when it is built, else ``DEFAULT_MODEL`` (with a one-line hint)."""
-    from .toy.mmllm_build import HINT, is_built, model_dir
-
-    if is_built():
-        return str(model_dir())
-    logging.getLogger("mmllm").warning("%s; using the text-only %r meanwhile", HINT, DEFAULT_MODEL)
-    return DEFAULT_MODEL
+    """What ``load()`` opens with no name (``$MMLLM_DEFAULT``, else the shipped ``"toy"``)."""
+    return default_model()
 
 
-def load(name_or_path: str | None = None, *, device=None, dtype=None, **overrides) -> MMLLM:
-    """A model from a ``save_pretrained`` directory, a transformers Llava directory (see
-    ``mmllm.interop.llava.from_llava``), a preset name, ``"toy"`` (the built toy MMLLM), or
-    (no name) the embedded default: the toy MMLLM when built, else text-only ``smollm2``.
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # a dependency of transformers, so normally present
+        raise ImportError("loading a hub id needs huggingface_hub: `pip install huggingface_hub`") from err
+    try:
+        folder = Path(snapshot_download(repo_id=repo_id, revision=revision))
+    except Exception as err:  # offline with nothing cached, unknown repo, no access
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory, shipped model or preset, and the hub copy could not be read "
+            f"({type(err).__name__}: {err}). Download it where there is a network (`huggingface-cli download "
+            f"{repo_id}`) or pass a local directory") from None
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"hub repository {repo_id!r} has no {CONFIG_NAME}; it is not an mmllm or Llava model")
+    return folder
+
+
+def load(name_or_path: str | os.PathLike | None = None, *, device=None, dtype=None, revision: str | None = None,
+         **overrides) -> MMLLM:
+    """Open a model: a ``save_pretrained`` directory, a transformers Llava directory (see
+    ``mmllm.interop.llava.from_llava``), a shipped model (``"toy"``), a preset name, or a hub
+    id; with no name, the embedded default (``resolve`` gives the order).
 
     ``overrides`` change config fields (``seed=1``, ``**{"llm.dtype": "bfloat16"}``).
     """
-    name = name_or_path or default_model_name()
-    if name == TOY:
-        from .toy.mmllm_build import HINT, is_built, model_dir
-
-        if not is_built():
-            raise FileNotFoundError(f"{HINT} (looked in {model_dir()})")
-        name = str(model_dir())
-    path = Path(name)
-    if (path / CONFIG_NAME).is_file():
+    where = resolve(name_or_path, revision=revision)
+    if isinstance(where, Path):
         from .interop.llava import from_llava, is_llava_checkpoint
 
-        if is_llava_checkpoint(path):  # a transformers Llava directory (unsupported variants are refused there)
-            return from_llava(path, device=device, dtype=dtype, **overrides)
-        return MMLLM.from_pretrained(path, device=device, dtype=dtype, **overrides)
-    if name in available_presets():
-        return MMLLM.from_config(MMLLMConfig.from_preset(name, **overrides), device=device, dtype=dtype)
-    raise FileNotFoundError(
-        f"{name!r} is neither a directory with {CONFIG_NAME} nor a preset; presets: {available_presets()}"
-    )
+        if is_llava_checkpoint(where):  # a transformers Llava directory (unsupported variants are refused there)
+            return from_llava(where, device=device, dtype=dtype, **overrides)
+        return MMLLM.from_pretrained(where, device=device, dtype=dtype, **overrides)
+    return MMLLM.from_config(MMLLMConfig.from_preset(where, **overrides), device=device, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=2)
@@ -59,5 +95,5 @@ def _cached(name: str | None) -> MMLLM:
 def generate(prompt: str | None = None, *, model: str | MMLLM | None = None, **kwargs):
     """``mmllm.generate(image=..., prompt=...)``: answer with ``model`` (default: the embedded
     default, loaded once and kept). Takes every argument of ``MMLLM.generate``."""
-    m = model if isinstance(model, MMLLM) else _cached(model)
+    m = model if isinstance(model, MMLLM) else _cached(model if model is not None else default_model())
     return m.generate(prompt, **kwargs)

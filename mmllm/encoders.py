@@ -237,7 +237,7 @@ class HFAudioEncoder(Encoder):
 
         if cfg.init == "pretrained" and cfg.source and not building_on_meta():
             conf = AutoConfig.from_pretrained(cfg.source)
-            self.tower = _audio_tower_class(conf.model_type).from_pretrained(cfg.source)
+            self.tower = _audio_tower_class(conf.model_type).from_pretrained(cfg.source, dtype=torch.float32)
             self.extractor = AutoFeatureExtractor.from_pretrained(cfg.source)
         else:
             self.tower = _random_audio_tower(dict(cfg.arch))
@@ -283,7 +283,9 @@ class HFAudioEncoder(Encoder):
 
 
 def load_tower(cls, source: str, unused: tuple[str, ...] = ()) -> nn.Module:
-    """``cls.from_pretrained(source)`` without transformers' load-report table, checked here:
+    """``cls.from_pretrained(source)`` in float32 whatever the file stores (a checkpoint saved in
+    float16 is upcast; the model's dtype is set once, by ``MMLLM.from_config``), without
+    transformers' load-report table, checked here:
     weights the tower needs but the checkpoint lacks are an error (they would stay random);
     unused checkpoint keys other than the ``unused`` prefixes get a one-line warning."""
     import logging
@@ -293,7 +295,7 @@ def load_tower(cls, source: str, unused: tuple[str, ...] = ()) -> nn.Module:
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tower, info = cls.from_pretrained(source, output_loading_info=True)
+        tower, info = cls.from_pretrained(source, output_loading_info=True, dtype=torch.float32)
     except RuntimeError as err:  # weights of other shapes: another architecture or size
         raise ValueError(f"{source!r} does not hold {cls.__name__} weights of the shapes its config gives ({err}); "
                          "point the encoder's source at a checkpoint of that architecture") from err
