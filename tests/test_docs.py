@@ -67,15 +67,28 @@ def test_session_means_only_a_chat_session():
                 assert any(word in line.lower() for word in allowed), f"{path.relative_to(REPO)}:{n}: {line}"
 
 
+def prose(text: str) -> str:
+    """``text`` without fenced blocks and inline code, where brackets are code, not links."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+ (.+)$", prose(path.read_text()), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
 def test_relative_links_lead_to_files():
     link = re.compile(r"\]\(([^)\s]+)\)")
     broken = []
     for path in [README, *DOCS.glob("*.md"), *research_pages()]:
-        for target in link.findall(path.read_text()):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        for target in link.findall(prose(path.read_text())):
+            if re.match(r"[a-z]+:", target):
                 continue
-            file = target.split("#", 1)[0]
-            if not (path.parent / file).exists():
+            file, _, anchor = target.partition("#")
+            dest = path.parent / file if file else path
+            if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in anchors(dest)):
                 broken.append(f"{path.relative_to(REPO)} -> {target}")
     assert not broken, broken
 
