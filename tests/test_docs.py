@@ -75,7 +75,8 @@ def prose(text: str) -> str:
 
 def anchors(path: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    heads = re.findall(r"^#+ (.+)$", prose(path.read_text()), flags=re.M)
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    heads = re.findall(r"^#+ (.+)$", text, flags=re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
 
 
