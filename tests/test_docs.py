@@ -97,10 +97,9 @@ def test_relative_links_lead_to_files():
 # ---------------------------------------------------------------------------- the README's examples
 
 
-def test_readme_python_example_runs_on_the_tiny_preset(monkeypatch, tmp_path):
+def test_readme_python_example_runs_on_the_tiny_preset(tiny, monkeypatch, tmp_path):
     """The example as a user runs it, with the default model swapped for the ``tiny`` preset
     and answers cut to a few tokens."""
-    tiny = mmllm.load("tiny")
     real_generate = tiny.generate
 
     calls = []
