@@ -42,7 +42,7 @@ def example_messages(media: dict[str, Path], accepted: tuple[str, ...]) -> list[
         return [str(media[modality])] if modality in accepted else []
 
     # The toy model learned requests that name every attribute; asked a bare "Draw a red
-    # circle." the 2026-12-07 default answered with a video (docs/STATUS.md).
+    # circle." it can answer with a video.
     return [
         {"text": "Describe this image.", "files": files("image")},
         {"text": "Draw a large red circle in the middle.", "files": []},

@@ -65,16 +65,14 @@ class FlattenMLPProjector(InputProjector):
     what the other tokens carry without them, and leans less on combinations the flattened
     map learned; it needs ``summary_token`` or ``per_token``. ``side_linear=True`` makes the
     summary and per-token maps one linear layer each instead of ``mlp2x_gelu``. On the toy
-    world neither option read held-out pairs better (docs/RESULTS.md, "Dropping the flattened
-    tokens, and linear side maps").
+    world neither option read held-out pairs better (docs/research/README.md).
 
     ``flat_input="similarity"`` feeds the flattened map the encoder tokens' cosine
     self-similarity matrix (tokens centred on their mean, ``N x N`` values) instead of the
     tokens: which patches look alike, so the arrangement (shape, count, position) with little
     of what every patch shows (colour, pitch), which then reaches the LLM through the summary
     and per-token maps alone. On the toy world it composes whichever attribute it carries and
-    not the other (held-out audio count 1.00, pitch 0.04; docs/RESULTS.md, "Flattened maps
-    over the tokens' self-similarity").
+    not the other (docs/research/README.md).
     """
 
     FLAT_INPUTS = ("tokens", "similarity")

@@ -729,7 +729,7 @@ def test_default_names_colour_and_shape_of_a_toy_image(colour, shape):
 
 
 def test_build_script_sets_the_stage_mixes(monkeypatch, tmp_path, load_script):
-    """The recipe experiments in docs/RESULTS.md ("An image-heavy stage 1") are flags of
+    """The recipe experiments in docs/research/README.md (the quick build) are flags of
     build_default.py: each lands in the DefaultSettings the build gets."""
     script = load_script("build_default")
     calls = []
@@ -753,7 +753,7 @@ def test_quick_build_is_the_default_recipe_shorter_with_images_first(monkeypatch
     """`build_default.py --quick` (the under-30-minute CPU build) trains the default recipe
     with fewer stage-2 and align steps and align examples, bf16 where the machine has it
     natively, and one epoch of stage 1 that reads the image captions twice and first and the
-    other files in part (docs/RESULTS.md, "The image-first stage 1, adopted for `--quick`")."""
+    other files in part (docs/research/README.md, the image-first stage 1)."""
     import dataclasses
 
     from mmllm.toy.components import BuildSettings

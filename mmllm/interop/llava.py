@@ -19,7 +19,7 @@ parts come from their sources, the projector is the only trained part. So
 ``save_llava(model, path)`` writes the reverse: a directory that
 ``transformers.LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor`` open.
 
-Differences that remain (image preprocessing above all) are listed in ``docs/INTEROP.md``.
+Differences that remain (image preprocessing above all) are listed in ``docs/interop.md``.
 """
 
 from __future__ import annotations
