@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import MMLLMConfig, available_presets
 from .model import CONFIG_NAME, MMLLM
-from .shipped import DEFAULT_ENV, default_model, shipped_model_dir, shipped_models
+from .shipped import DEFAULT_ENV, DEFAULT_NAME, default_model, shipped_model_dir, shipped_models
 
 
 def resolve(name_or_path: str | os.PathLike | None = None, revision: str | None = None) -> str | Path:
@@ -30,13 +30,13 @@ def resolve(name_or_path: str | os.PathLike | None = None, revision: str | None 
     if path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is a directory without {CONFIG_NAME}; point to a directory written "
                                 "by save_pretrained (or a transformers Llava checkpoint)")
-    if name in shipped_models():
-        return shipped_model_dir(name)
+    if name in shipped_models() or name == DEFAULT_NAME:
+        return shipped_model_dir(name)  # a missing default says how to get it
     if name in available_presets():
         return name
     if _looks_like_hub_id(name):
         return _from_hub(name, revision)
-    where = f" (from ${DEFAULT_ENV})" if name_or_path is None else ""
+    where = f" (from ${DEFAULT_ENV})" if name_or_path is None and os.environ.get(DEFAULT_ENV) else ""
     raise FileNotFoundError(
         f"{name!r}{where} is not a model directory, a shipped model {shipped_models()}, a preset "
         f"{available_presets()}, or a hub id (org/name)")
