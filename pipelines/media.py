@@ -1,4 +1,8 @@
-"""Media returned by the decoders, each with ``save(path) -> path actually written``."""
+"""Media returned by the decoders, each with ``save(path) -> path actually written``.
+
+Images and videos also have ``preview(min_side)``: a copy enlarged by a whole factor with
+nearest-neighbour pixels, for showing a small picture (the toy decoders draw 32 x 32) at a
+size a person can judge. ``save`` always writes the pixels as generated."""
 
 from __future__ import annotations
 
@@ -10,6 +14,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+PREVIEW_SIDE = 256  # pixels: small outputs are shown at least this large
+
+
+def upscale_factor(width: int, height: int, min_side: int = PREVIEW_SIDE) -> int:
+    """The whole factor that brings the shorter side to at least ``min_side`` (1 if it is already)."""
+    return max(1, -(-min_side // max(1, min(width, height))))
 
 
 def _with_suffix(path: str | os.PathLike, suffix: str) -> Path:
@@ -32,6 +44,13 @@ class ImageOutput:
         path = _with_suffix(path, ".png")
         self.image.save(path)
         return path
+
+    def preview(self, min_side: int = PREVIEW_SIDE) -> "ImageOutput":
+        """This image enlarged by a whole factor, nearest-neighbour, to at least ``min_side`` pixels a side."""
+        k = upscale_factor(*self.image.size, min_side)
+        if k == 1:
+            return self
+        return ImageOutput(self.image.resize((self.image.width * k, self.image.height * k), Image.NEAREST))
 
 
 @dataclass
@@ -65,6 +84,13 @@ class AudioOutput:
 class VideoOutput:
     frames: np.ndarray  # (T, H, W, 3) uint8
     fps: int
+
+    def preview(self, min_side: int = PREVIEW_SIDE) -> "VideoOutput":
+        """These frames enlarged by a whole factor, nearest-neighbour, to at least ``min_side`` pixels a side."""
+        k = upscale_factor(self.frames.shape[2], self.frames.shape[1], min_side)
+        if k == 1:
+            return self
+        return VideoOutput(self.frames.repeat(k, axis=1).repeat(k, axis=2), self.fps)
 
     def save(self, path: str | os.PathLike) -> Path:
         """MP4 when imageio-ffmpeg is installed, else an animated GIF (the suffix says which)."""
