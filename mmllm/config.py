@@ -20,6 +20,11 @@ from typing import Any, Optional
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message names the file, the field
+    (dotted path) and what is expected."""
+
+
 # --------------------------------------------------------------------------- generic JSON <-> dataclass
 
 
