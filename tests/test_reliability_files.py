@@ -58,17 +58,18 @@ def test_saving_onto_a_file_is_refused_and_leaves_nothing(tiny, tmp_path):
 
 def test_concurrent_saves_to_one_path_are_safe(tiny, tmp_path):
     """Four writers, each saving twice, and a reader: no error, the last writer wins, every read
-    finds a complete model, and nothing is left beside the target."""
+    finds a whole file (never a missing or half-written one), and nothing is left beside the
+    target."""
     target = tmp_path / "model"
     errors, reads = [], []
     done = threading.Event()
+    body = {k: str(k) * 100_000 for k in range(4)}
 
     def writer(k):
         try:
             for _ in range(2):
                 with atomic_directory(target) as tmp:
-                    (tmp / "who.txt").write_text(str(k))
-                    (tmp / "check.txt").write_text(str(k))
+                    (tmp / "weights").write_text(body[k])
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -76,11 +77,12 @@ def test_concurrent_saves_to_one_path_are_safe(tiny, tmp_path):
         while not done.is_set():
             if target.exists():
                 try:
-                    who, check = (target / "who.txt").read_text(), (target / "check.txt").read_text()
-                    reads.append(who == check)
+                    reads.append((target / "weights").read_text() in body.values())
                 except FileNotFoundError:
                     reads.append(False)
 
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text(body[0])
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
     watch = threading.Thread(target=reader)
     watch.start()
@@ -91,9 +93,9 @@ def test_concurrent_saves_to_one_path_are_safe(tiny, tmp_path):
     done.set()
     watch.join()
     assert errors == []
-    assert reads and all(reads), f"{reads.count(False)} of {len(reads)} reads saw a missing or mixed model"
+    assert reads and all(reads), f"{reads.count(False)} of {len(reads)} reads saw a missing or partial file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    assert (target / "who.txt").read_text() in {"0", "1", "2", "3"}
+    assert (target / "weights").read_text() in body.values()
 
     # The same through save_pretrained: four threads, one model dir, a loadable result.
     errors.clear()
@@ -131,3 +133,186 @@ def test_feature_cache_replaces_its_own_shards_only(tmp_path):
         with atomic_directory(out, owns=_cache_file) as tmp:
             (tmp / INDEX).write_text("{}")
     assert (out / "README").read_text() == "user's"
+
+
+# --------------------------------------------------------------------------- untrusted config files
+
+
+def _saved(tiny, tmp_path, edit=None) -> Path:
+    """``tiny`` saved to ``tmp_path/model``, its config.json changed by ``edit(dict)``."""
+    out = tmp_path / "model"
+    tiny.save_pretrained(out)
+    if edit is not None:
+        data = json.loads((out / CONFIG_NAME).read_text())
+        edit(data)
+        (out / CONFIG_NAME).write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.parametrize("value", [True, "false", 1])
+def test_trust_remote_code_in_a_config_file_is_ignored_with_a_warning(tiny, tmp_path, caplog, value):
+    out = _saved(tiny, tmp_path, lambda d: d["llm"].update(trust_remote_code=value))
+    with caplog.at_level(logging.WARNING, logger="mmllm"):
+        config = MMLLMConfig.from_json(out / CONFIG_NAME)
+    assert config.llm.trust_remote_code is False
+    assert f"sets llm.trust_remote_code={json.dumps(value)}; ignored: a loaded file cannot turn it on" in caplog.text
+    assert str(out / CONFIG_NAME) in caplog.text
+
+
+def test_trust_remote_code_comes_from_the_caller(tiny, tmp_path, monkeypatch):
+    """Only the caller's own argument reaches transformers."""
+    import mmllm.llm as llm_mod
+
+    seen = []
+    real = llm_mod.load_tokenizer
+    monkeypatch.setattr("mmllm.model.load_tokenizer", lambda cfg: seen.append(cfg.trust_remote_code) or real(cfg))
+    out = _saved(tiny, tmp_path, lambda d: d["llm"].update(trust_remote_code=True))
+    assert mmllm.load(str(out)).config.llm.trust_remote_code is False
+    assert MMLLM.from_pretrained(out, trust_remote_code=True).config.llm.trust_remote_code is True
+    assert seen == [False, True]
+
+
+MALFORMED = [
+    ("not json", "{nope", r"not valid JSON \(Expecting property name"),
+    ("array", "[1, 2]", r"a MMLLMConfig file must hold a JSON object, got array"),
+    ("deep", "[" * 100_000 + "]" * 100_000, r"JSON nested too deeply to be a config"),
+    ("seed string", '{"seed": "0"}', r'seed: expected int, got string "0"'),
+    ("seed bool", '{"seed": true}', r"seed: expected int, got boolean true"),
+    ("bool string", '{"llm": {"arch": {}, "init": 1}}', r"llm.init: expected str, got integer 1"),
+    ("signal tokens", '{"outputs": {"image": {"num_signal_tokens": 0}}}',
+     r"outputs.image.num_signal_tokens: 0 is out of range; it must be >= 1"),
+    ("nested type", '{"inputs": {"image": {"encoder": {"num_frames": 2.5}}}}',
+     r"inputs.image.encoder.num_frames: expected int, got number 2.5"),
+    ("object", '{"llm": "x"}', r"llm: expected an object \(LLMConfig\), got string \"x\""),
+    ("unknown", '{"llm": {"dtyp": "x"}}', r"llm: unknown key\(s\) \['dtyp'\] for LLMConfig; valid keys are"),
+    ("not utf-8", b"\xff\xfe{", r"not a UTF-8 text file"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_config_files_name_the_file_and_field(tmp_path, name, text, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=rf"^{str(path)}: {message}"):
+        MMLLMConfig.from_json(path)
+
+
+def test_config_types_follow_the_annotations():
+    config = MMLLMConfig.from_dict({"llm": {"lora": {"dropout": 0, "r": 4}}})
+    assert config.llm.lora.dropout == 0.0 and isinstance(config.llm.lora.dropout, float)  # a float takes an int
+    with pytest.raises(ConfigError, match=r"^llm.lora.dropout: 1.0 is out of range; it must be < 1$"):
+        MMLLMConfig.from_dict({"llm": {"lora": {"dropout": 1}}})
+    with pytest.raises(ConfigError, match=r"^llm.lora.r: expected int, got boolean true$"):
+        MMLLMConfig.from_dict({"llm": {"lora": {"r": True}}})
+    with pytest.raises(ConfigError, match=r"^max_length: 0 is out of range; it must be >= 1$"):
+        MMLLMConfig.from_preset("tiny", max_length=0)
+    with pytest.raises(ConfigError, match=r"^outputs.image.decoder.conditioning: expected list, got string"):
+        MMLLMConfig.from_preset("tiny", **{"outputs.image.decoder.conditioning": "77x768"})
+    # A saved tiny config round-trips unchanged.
+    tiny = MMLLMConfig.from_preset("tiny")
+    assert MMLLMConfig.from_dict(tiny.to_dict()) == tiny
+
+
+def test_cli_reports_a_malformed_config_in_one_line(tmp_path, capsys):
+    from mmllm.cli import main
+
+    (tmp_path / CONFIG_NAME).write_text('{"seed": "0"}')
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f'mmllm: error: {tmp_path / CONFIG_NAME}: seed: expected int, got string "0"'
+
+
+# --------------------------------------------------------------------------- paths a model dir names
+
+
+def test_component_paths_outside_the_model_tree_are_refused(tiny, tmp_path):
+    secret = tmp_path / "elsewhere"
+    secret.mkdir()
+    cases = {"../../elsewhere": "inputs.image.encoder.source", str(secret): "inputs.image.encoder.source"}
+    for value, field in cases.items():
+        tree = tmp_path / "tree"
+        out = _saved(tiny, tree, lambda d: d["inputs"]["image"]["encoder"].update(source=value))
+        with pytest.raises(ConfigError, match=rf"names 1 path\(s\) outside the model's tree, e.g. {field} = "
+                                              rf"'{secret}'; a model directory may name files only inside {tree} or .*"
+                                              r"allow_outside_paths=True"):
+            mmllm.load(str(out))
+    with pytest.raises(ConfigError, match=r"llm.gguf_file = '../../x.gguf'"):
+        mmllm.load(str(_saved(tiny, tmp_path / "g", lambda d: d["llm"].update(gguf_file="../../x.gguf"))))
+
+
+def test_component_paths_inside_the_tree_and_hub_ids_load(tiny, tmp_path):
+    """A sibling (``../x``), a path inside the model dir, a run's ``<tree>/runs/<run>/model``
+    and a hub id are not escapes; ``allow_outside_paths=True`` lifts the check."""
+    from mmllm.config import EncoderConfig
+
+    config = MMLLMConfig.from_preset("tiny")
+    assert config.paths_outside([tmp_path]) == {}  # hub ids and architecture names are not paths
+    config.inputs["image"].encoder.source = str(tmp_path / "tree" / "clip")
+    config.outputs["image"].decoder.source = "org/name"
+    assert config.paths_outside([tmp_path / "tree"]) == {}
+    assert config.paths_outside([tmp_path / "other"]) == {"inputs.image.encoder.source": str(tmp_path / "tree" / "clip")}
+    link = tmp_path / "tree" / "link"
+    (tmp_path / "tree").mkdir()
+    link.symlink_to(tmp_path.parent)  # a link inside the tree that points out of it
+    config.inputs["image"].encoder.source = str(link)
+    assert list(config.paths_outside([tmp_path / "tree"])) == ["inputs.image.encoder.source"]
+    assert isinstance(config.inputs["image"].encoder, EncoderConfig)
+
+    from mmllm.model import model_tree
+
+    assert model_tree(tmp_path / "root" / "runs" / "stage2" / "model")[0] == tmp_path / "root"
+    assert model_tree(tmp_path / "root" / "model")[0] == tmp_path / "root"
+    assert model_tree(tmp_path / "a" / "model", tree=tmp_path)[0] == tmp_path
+    # A real load: a path outside the tree is refused unless the caller allows it.
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"")  # named, never read: the tiny encoder is random
+    out = _saved(tiny, tmp_path / "deep", lambda d: d["inputs"]["image"]["encoder"].update(pretrained=str(outside)))
+    with pytest.raises(ConfigError, match=r"inputs.image.encoder.pretrained = '.*outside.safetensors'"):
+        mmllm.load(str(out))
+    assert mmllm.load(str(out), allow_outside_paths=True).config.inputs["image"].encoder.pretrained == str(outside)
+    assert MMLLM.from_pretrained(out, tree=tmp_path).config.inputs["image"].encoder.pretrained == str(outside)
+
+
+def test_llm_pickle_weights_are_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmllm.config import LLMConfig
+    from mmllm.llm import build_llm
+
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    llm.config.save_pretrained(tmp_path)
+    torch.save(llm.state_dict(), tmp_path / "pytorch_model.bin")  # what safe_serialization=False writes
+    with pytest.raises(ValueError, match=rf"refusing to load the LLM from '{tmp_path}': it has no safetensors "
+                                         r"weights, and pickle files \(.bin\) can run arbitrary code"):
+        build_llm(LLMConfig(source=str(tmp_path)))
+    llm.save_pretrained(tmp_path)  # safetensors: loads
+    assert build_llm(LLMConfig(source=str(tmp_path))).config.hidden_size == 16
+
+
+def test_open_clip_pickle_checkpoint_is_refused(tmp_path):
+    from mmllm.config import EncoderConfig
+    from mmllm.encoders import build_encoder
+
+    ckpt = tmp_path / "clip.pt"
+    ckpt.write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match=r"refusing to load '.*clip.pt': pickle-based weight files can run"):
+        build_encoder(EncoderConfig(backend="open_clip", source="ViT-B-32", pretrained=str(ckpt)), "image", {})
+
+
+# --------------------------------------------------------------------------- silent wrong weights
+
+
+def test_a_weight_of_another_shape_is_refused_not_broadcast(tiny):
+    state = tiny.trainable_state_dict()
+    name = next(k for k, v in state.items() if k.endswith("bias") and v.numel() > 1)
+    bad = dict(state)
+    bad[name] = torch.zeros(1)
+    before = dict(tiny.named_parameters())[name].detach().clone()
+    with pytest.raises(ValueError, match=rf"{name} is \(1,\) torch.float32 in the file but "
+                                         rf"\({state[name].shape[0]},\) torch.float32 in the model"):
+        tiny.load_trainable(bad)
+    assert torch.equal(dict(tiny.named_parameters())[name], before), "nothing was copied"
+    bad[name] = state[name].to(torch.int64)
+    with pytest.raises(ValueError, match=rf"{name} is .* torch.int64 in the file"):
+        tiny.load_trainable(bad)
