@@ -95,12 +95,14 @@ def _short(value: Any) -> str:
 
 
 def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
-    """Bounds a field declares in its metadata (``minimum``, ``below``)."""
+    """Bounds a field declares in its metadata (``minimum``, ``maximum``, ``below``)."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    low, below = f.metadata.get("minimum"), f.metadata.get("below")
+    low, high, below = f.metadata.get("minimum"), f.metadata.get("maximum"), f.metadata.get("below")
     if low is not None and not value >= low:
         raise ConfigError(f"{where}: {value} is out of range; it must be >= {low}")
+    if high is not None and not value <= high:
+        raise ConfigError(f"{where}: {value} is out of range; it must be <= {high}")
     if below is not None and not value < below:
         raise ConfigError(f"{where}: {value} is out of range; it must be < {below}")
 

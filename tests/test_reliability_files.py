@@ -4,6 +4,7 @@ itself, and config files that must be type-checked. See docs/RELIABILITY.md."""
 
 import json
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -316,3 +317,104 @@ def test_a_weight_of_another_shape_is_refused_not_broadcast(tiny):
     bad[name] = state[name].to(torch.int64)
     with pytest.raises(ValueError, match=rf"{name} is .* torch.int64 in the file"):
         tiny.load_trainable(bad)
+
+
+# --------------------------------------------------------------------------- training data
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    from mmllm.toy.world import write_dataset
+
+    paths = write_dataset(tmp_path_factory.mktemp("toy"), n=4, size=16, seconds=0.5, frames=4, n_dialogues=4)
+    rows = [json.loads(line) for line in Path(paths["captions"]).read_text().splitlines() if line.strip()]
+    return Path(paths["captions"]).parent, [r for r in rows if r.get("modality", "image") == "image"]
+
+
+def _train_config(captions, out, **kw):
+    from mmllm.training import TrainConfig
+
+    return TrainConfig(**{**dict(stage="stage1_enc", out=str(out), captions=str(captions), epochs=1, batch_size=2,
+                                 lr=1e-3, progress=False, log_every=0), **kw})
+
+
+def _lfs_pointer(path: Path) -> None:
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1234\n")
+
+
+def test_a_run_whose_rows_all_fail_to_decode_fails_and_saves_nothing(base_model, fresh, toy_data, tmp_path):
+    from mmllm.training import train
+    from mmllm.training.data import DataError
+
+    root, rows = toy_data
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for k, row in enumerate(rows[:3]):
+        _lfs_pointer(data / f"{k}.png")  # a git-lfs pointer checked out instead of the image
+        lines.append(json.dumps({"modality": "image", "path": f"{k}.png", "caption": row["caption"]}))
+    (data / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"^3 of 3 rows read were bad \(100%; max_bad_row_share=0.5\), so no model "
+                                        r"was saved\. Files: .*caps.jsonl\. First errors:\n  .*caps.jsonl row 1: "
+                                        r"cannot decode media \(cannot decode image"):
+        train(_train_config(data / "caps.jsonl", out), model=fresh(base_model))
+    assert not (out / "model").exists()
+    assert json.loads((out / "bad_rows.json").read_text())["count"] == 3
+
+
+def test_bad_rows_over_the_share_fail_and_under_it_train(base_model, fresh, toy_data, tmp_path):
+    from mmllm.training import train
+    from mmllm.training.data import DataError
+
+    root, rows = toy_data
+    lines = [json.dumps({"modality": "image", "path": str(root / rows[k]["path"]), "caption": rows[k]["caption"]})
+             for k in range(2)]
+    _lfs_pointer(root / "bad.png")
+    lines.append(json.dumps({"modality": "image", "path": "bad.png", "caption": "last"}))  # the last batch, alone
+    (root / "last_bad.jsonl").write_text("\n".join(lines) + "\n")
+    result = train(_train_config(root / "last_bad.jsonl", tmp_path / "ok"), model=fresh(base_model))
+    assert result.bad_rows == 1 and result.good_rows == 2 and result.steps == 2
+    assert math.isnan(result.losses[-1]), "the last step had no usable row"
+    assert result.final_loss == result.losses[0] and math.isfinite(result.final_loss)
+    with pytest.raises(DataError, match=r"^1 of 3 rows read were bad \(33%; max_bad_row_share=0.25\)"):
+        train(_train_config(root / "last_bad.jsonl", tmp_path / "strict", max_bad_row_share=0.25),
+              model=fresh(base_model))
+    assert not (tmp_path / "strict" / "model").exists()
+
+
+def test_data_files_with_a_byte_order_mark_are_read(toy_data, tmp_path):
+    from mmllm.training.data import iter_rows
+
+    row = {"modality": "image", "path": "x.png", "caption": "a cat"}
+    csv_file = tmp_path / "caps.csv"
+    csv_file.write_bytes("\ufeffmodality,path,caption\nimage,x.png,a cat\n".encode())
+    jsonl = tmp_path / "caps.jsonl"
+    jsonl.write_bytes(("\ufeff" + json.dumps(row) + "\n").encode())
+    array = tmp_path / "caps.json"
+    array.write_bytes(("\ufeff" + json.dumps([row])).encode())
+    for path in (csv_file, jsonl, array):
+        assert [r for _, r in iter_rows(path)] == [row], path.suffix
+
+
+def test_media_paths_out_of_the_data_root_are_refused(base_model, toy_data, tmp_path):
+    from mmllm.training.data import ExampleBuilder, RowError
+
+    root, rows = toy_data
+    data = tmp_path / "data"
+    data.mkdir()
+    inside = data / "in.png"
+    inside.write_bytes((root / rows[0]["path"]).read_bytes())
+    source = str(data / "caps.jsonl")
+    outside = str(root / rows[0]["path"])
+    climb = os.path.relpath(outside, data)
+    builder = ExampleBuilder(base_model)
+    assert builder.caption({"modality": "image", "path": "in.png", "caption": "x"}, source, 1).media == \
+        {"image": [str(inside)]}
+    for value in (climb, outside):
+        with pytest.raises(RowError, match=rf"media path '{value}' leads out of the data root '{data}'; keep media "
+                                           r"under it, or set allow_outside_data_root=True"):
+            builder.caption({"modality": "image", "path": value, "caption": "x"}, source, 1)
+    trusting = ExampleBuilder(base_model, allow_outside_root=True)
+    assert trusting.caption({"modality": "image", "path": climb, "caption": "x"}, source, 1).media["image"][0] \
+        == str(data / climb)
