@@ -214,13 +214,25 @@ def test_config_types_follow_the_annotations():
     assert MMLLMConfig.from_dict(tiny.to_dict()) == tiny
 
 
-def test_cli_reports_a_malformed_config_in_one_line(tmp_path, capsys):
+CLI_CASES = [("not json", "{nope", "not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+                                   "column 2 (char 1)); a config is a JSON object"),
+             ("array", "[1]", "a MMLLMConfig file must hold a JSON object, got array"),
+             ("deep", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply to be a config; a config is a JSON "
+                                                     "object a few levels deep"),
+             ("seed", '{"seed": "0"}', 'seed: expected int, got string "0"'),
+             ("signal tokens", '{"outputs": {"image": {"num_signal_tokens": 0}}}',
+              "outputs.image.num_signal_tokens: 0 is out of range; it must be >= 1")]
+
+
+@pytest.mark.parametrize("name,text,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_reports_a_malformed_config_in_one_line(tmp_path, capsys, name, text, message):
     from mmllm.cli import main
 
-    (tmp_path / CONFIG_NAME).write_text('{"seed": "0"}')
+    (tmp_path / CONFIG_NAME).write_text(text)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f'mmllm: error: {tmp_path / CONFIG_NAME}: seed: expected int, got string "0"'
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"mmllm: error: {tmp_path / CONFIG_NAME}: {message}"
+    assert not any("Traceback" in line for line in err)
 
 
 # --------------------------------------------------------------------------- paths a model dir names
