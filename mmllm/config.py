@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
@@ -20,11 +21,29 @@ from typing import Any, Optional
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+class ConfigError(ValueError, KeyError):
+    """A config file or value that cannot be used; the message names the file, the field
+    (dotted path) and what is expected. A ``KeyError`` too, as unknown keys always were."""
+
+    __str__ = Exception.__str__  # not KeyError's quoted repr
+
+
 # --------------------------------------------------------------------------- generic JSON <-> dataclass
 
 
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
 def _from_value(tp: Any, value: Any, where: str) -> Any:
-    """Convert a JSON value to the annotated type ``tp`` (dataclasses, Optional, dict, list)."""
+    """Convert a JSON value to the annotated type ``tp`` (dataclasses, Optional, dict, list,
+    str, int, float, bool), refusing a value of another type. ``bool`` takes only true/false,
+    ``int`` no bool and no string, ``float`` an int too (converted)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -35,38 +54,118 @@ def _from_value(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected an object for {tp.__name__}, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected an object ({tp.__name__}), got {_json_type(value)} {_short(value)}")
         return _dataclass_from_dict(tp, value, where)
-    if origin is dict:
-        _, vt = typing.get_args(tp)
-        return {k: _from_value(vt, v, f"{where}.{k}") for k, v in (value or {}).items()}
-    if origin is list:
-        (vt,) = typing.get_args(tp)
-        return [_from_value(vt, v, f"{where}[{i}]") for i, v in enumerate(value or [])]
+    if tp in (dict, list) or origin in (dict, list):
+        kind = origin or tp
+        if value is None:  # an empty entry, as older configs wrote it
+            return kind()
+        if not isinstance(value, kind):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_json_type(value)} {_short(value)}")
+        args = typing.get_args(tp)
+        if kind is dict and args:
+            return {k: _from_value(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        if kind is list and args:
+            return [_from_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_json_type(value)} {_short(value)}")
     return value
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else f"{type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
+    """Bounds a field declares in its metadata (``minimum``, ``maximum``, ``below``)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high, below = f.metadata.get("minimum"), f.metadata.get("maximum"), f.metadata.get("below")
+    if low is not None and not value >= low:
+        raise ConfigError(f"{where}: {value} is out of range; it must be >= {low}")
+    if high is not None and not value <= high:
+        raise ConfigError(f"{where}: {value} is out of range; it must be <= {high}")
+    if below is not None and not value < below:
+        raise ConfigError(f"{where}: {value} is out of range; it must be < {below}")
 
 
 def _dataclass_from_dict(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    prefix = f"{where}." if where else ""
     if unknown:
-        raise KeyError(
-            f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(names)}"
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(fields)}"
         )
-    kwargs = {k: _from_value(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _from_value(hints[k], v, f"{prefix}{k}")
+        _check_range(fields[k], kwargs[k], f"{prefix}{k}")
     return cls(**kwargs)
 
 
+def _caller_only(cls: type, data: Any, where: str, source: str) -> None:
+    """Reset, with a warning, the fields only a caller may set (``metadata={"caller_only":
+    True}``, e.g. ``llm.trust_remote_code``) wherever ``data`` sets them to anything but their
+    default: a file being loaded must not switch them on."""
+    if not isinstance(data, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        name = f"{where}.{f.name}" if where else f.name
+        if f.metadata.get("caller_only") and data[f.name] != f.default:
+            logging.getLogger("mmllm").warning(
+                "%s sets %s=%s; ignored: a loaded file cannot turn it on. If you trust the code in it, pass it "
+                "yourself, e.g. mmllm.load(path, trust_remote_code=True)", source, name, json.dumps(data[f.name]))
+            data[f.name] = f.default
+            continue
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = args[0] if typing.get_origin(tp) is typing.Union and args else tp
+        if dataclasses.is_dataclass(inner):
+            _caller_only(inner, data[f.name], name, source)
+        elif typing.get_origin(inner) is dict and isinstance(data[f.name], dict):
+            vt = typing.get_args(inner)[1]
+            if dataclasses.is_dataclass(vt):
+                for k, v in data[f.name].items():
+                    _caller_only(vt, v, f"{name}.{k}", source)
+
+
 class JsonConfig:
-    """Mixin: ``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` for dataclasses."""
+    """Mixin: ``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` for dataclasses.
+
+    Every value is checked against its field's annotation (``ConfigError`` names the field
+    by dotted path, the expected type and, when read from a file, the file)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)  # type: ignore[arg-type]
 
     @classmethod
     def from_dict(cls, data: dict):
-        return _dataclass_from_dict(cls, copy.deepcopy(data), cls.__name__)
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {cls.__name__} must be a JSON object, got {_json_type(data)}")
+        return _dataclass_from_dict(cls, copy.deepcopy(data), "")
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -76,10 +175,33 @@ class JsonConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | os.PathLike):
+        """A config from a JSON file (or JSON text). Fields only a caller may set
+        (``llm.trust_remote_code``) are reset to their default with a warning: pass them
+        as arguments instead."""
         text = str(path_or_text)
+        source = "the config text"
         if not text.lstrip().startswith("{"):
-            text = Path(path_or_text).read_text()
-        return cls.from_dict(json.loads(text))
+            source = str(path_or_text)
+            try:
+                text = Path(path_or_text).read_text(encoding="utf-8-sig")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{source}: not a UTF-8 text file ({err}); a config is a JSON object") from err
+        try:
+            data = json.loads(text)
+        except RecursionError as err:
+            raise ConfigError(f"{source}: JSON nested too deeply to be a config; a config is a JSON object a few "
+                              "levels deep") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{source}: not valid JSON ({err}); a config is a JSON object") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a {cls.__name__} file must hold a JSON object, got {_json_type(data)}")
+        _caller_only(cls, data, "", source)
+        try:
+            return cls.from_dict(data)
+        except RecursionError as err:
+            raise ConfigError(f"{source}: nested too deeply to be a config") from err
+        except (ConfigError, TypeError, ValueError) as err:
+            raise ConfigError(f"{source}: {err}") from err
 
     def replace(self, **overrides):
         return type(self).from_dict(deep_merge(self.to_dict(), expand_dotted(overrides)))
@@ -160,7 +282,7 @@ class EncoderConfig(JsonConfig):
     feature_layer: int = -1
     features: str = "patch"
     share_with: Optional[str] = None
-    num_frames: int = 8
+    num_frames: int = field(default=8, metadata={"minimum": 1})
     frame_pooling: str = "mean"
     options: dict = field(default_factory=dict)
 
@@ -208,7 +330,7 @@ class DecoderConfig(JsonConfig):
 class OutputConfig(JsonConfig):
     """One output modality: signal tokens, an output projector and a frozen decoder."""
 
-    num_signal_tokens: int = 4
+    num_signal_tokens: int = field(default=4, metadata={"minimum": 1})
     signal_prefix: str = "IMG"
     projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(type="transformer"))
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -216,9 +338,9 @@ class OutputConfig(JsonConfig):
 
 @dataclass
 class LoraConfig(JsonConfig):
-    r: int = 32
+    r: int = field(default=32, metadata={"minimum": 1})
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = field(default=0.05, metadata={"minimum": 0, "below": 1})
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -240,7 +362,7 @@ class LLMConfig(JsonConfig):
     init: str = "pretrained"
     dtype: str = "float32"
     attn_implementation: Optional[str] = "sdpa"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata={"caller_only": True})
     lora: Optional[LoraConfig] = None
 
 
@@ -251,7 +373,7 @@ class MMLLMConfig(JsonConfig):
     inputs: dict[str, InputConfig] = field(default_factory=dict)
     outputs: dict[str, OutputConfig] = field(default_factory=dict)
     seed: int = 0
-    max_length: int = 2048
+    max_length: int = field(default=2048, metadata={"minimum": 1})
     system_prompt: Optional[str] = None
 
     @classmethod
@@ -284,6 +406,25 @@ class MMLLMConfig(JsonConfig):
         not exist (a hub id is never absolute)."""
         values = {name: getattr(obj, attr) for name, obj, attr in self._sources()}
         return {name: v for name, v in values.items() if v and os.path.isabs(v) and not os.path.exists(v)}
+
+    def paths_outside(self, roots: list[str | os.PathLike]) -> dict[str, str]:
+        """``{dotted field: path}`` for every source that is a local path (absolute, as
+        ``resolved`` makes ``./x`` and ``../x``) outside all of ``roots``, after following
+        symbolic links; and a ``llm.gguf_file`` that is not a bare file name. Hub ids, preset
+        and architecture names are not paths."""
+        tops = [os.path.realpath(r) for r in roots]
+        out = {}
+        for name, obj, attr in self._sources():
+            value = getattr(obj, attr)
+            if not value or not os.path.isabs(value):
+                continue
+            real = os.path.realpath(value)
+            if not any(real == t or real.startswith(t.rstrip(os.sep) + os.sep) for t in tops):
+                out[name] = value
+        gguf = self.llm.gguf_file
+        if gguf and (os.path.isabs(gguf) or os.sep in gguf or "/" in gguf or gguf in (".", "..")):
+            out["llm.gguf_file"] = gguf
+        return out
 
     def relative_to(self, model_dir: str | os.PathLike, tree: str | os.PathLike | None = None) -> "MMLLMConfig":
         """A copy whose local component paths inside ``tree`` (default: ``model_dir``'s

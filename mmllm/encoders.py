@@ -13,6 +13,7 @@ Backends are registered by name in ``ENCODERS``.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -115,6 +116,10 @@ class OpenClipImageEncoder(Encoder):
                 raise ValueError("open_clip encoder needs source= (an architecture name) or arch=")
             meta = building_on_meta()
             pretrained = cfg.pretrained if cfg.init == "pretrained" and not meta else None
+            if pretrained and os.path.isfile(pretrained):
+                from .weights import check_not_pickle
+
+                check_not_pickle(pretrained)
             model = open_clip.create_model(cfg.source, pretrained=pretrained, device="meta" if meta else "cpu")
         visual = model.visual
         self.visual = visual
@@ -237,7 +242,8 @@ class HFAudioEncoder(Encoder):
 
         if cfg.init == "pretrained" and cfg.source and not building_on_meta():
             conf = AutoConfig.from_pretrained(cfg.source)
-            self.tower = _audio_tower_class(conf.model_type).from_pretrained(cfg.source, dtype=torch.float32)
+            self.tower = _audio_tower_class(conf.model_type).from_pretrained(cfg.source, use_safetensors=True,
+                                                                              dtype=torch.float32)
             self.extractor = AutoFeatureExtractor.from_pretrained(cfg.source)
         else:
             self.tower = _random_audio_tower(dict(cfg.arch))
@@ -295,7 +301,8 @@ def load_tower(cls, source: str, unused: tuple[str, ...] = ()) -> nn.Module:
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tower, info = cls.from_pretrained(source, output_loading_info=True, dtype=torch.float32)
+        tower, info = cls.from_pretrained(source, output_loading_info=True, use_safetensors=True,
+                                          dtype=torch.float32)
     except RuntimeError as err:  # weights of other shapes: another architecture or size
         raise ValueError(f"{source!r} does not hold {cls.__name__} weights of the shapes its config gives ({err}); "
                          "point the encoder's source at a checkpoint of that architecture") from err

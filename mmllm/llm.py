@@ -125,9 +125,18 @@ def build_llm(cfg: LLMConfig, seed: int = 0, dtype=None):
             model = AutoModelForCausalLM.from_config(conf, dtype=dtype, **kwargs)
     elif cfg.init == "pretrained":
         path, extra = _resolve(cfg.source, cfg.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs, **extra
-        )
+        if "gguf_file" not in extra:  # weights only from safetensors: a pickle (.bin) can run code
+            extra["use_safetensors"] = True
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs, **extra
+            )
+        except OSError as err:
+            if "use_safetensors" in extra and "safetensors" in str(err).lower():
+                raise ValueError(f"refusing to load the LLM from {path!r}: it has no safetensors weights, and pickle "
+                                 "files (.bin) can run arbitrary code. Convert it once, in a process you trust: "
+                                 "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path)") from err
+            raise
     else:
         raise ValueError(f"llm.init={cfg.init!r}; use 'pretrained' or 'random'")
     return model.eval()

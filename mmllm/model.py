@@ -14,7 +14,7 @@ from torch import nn
 
 from projectors import build_input_projector, build_output_projector
 
-from .config import LoraConfig, MMLLMConfig
+from .config import ConfigError, LoraConfig, MMLLMConfig
 from .encoders import build_encoder
 from .fileio import atomic_directory
 from .meta import meta_device
@@ -40,6 +40,29 @@ class MMLLMOutput:
 def _component_seed(seed: int, name: str) -> int:
     # Stable per-component seeds so a random preset rebuilds bit-identically from its config.
     return seed * 1000 + sum(ord(c) for c in name)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "integer"
+
+
+def model_tree(path: str | os.PathLike, tree: str | os.PathLike | None = None) -> list[Path]:
+    """Where a model directory's config may name local files: ``tree`` when given, else the
+    model dir's parent (its siblings, ``../clip``), or ``<tree>`` for a training run's model
+    ``<tree>/runs/<run>/model`` (``../../../clip``); and mmllm's cache, where mmllm builds its
+    own components."""
+    from .llm import cache_dir
+
+    model = Path(os.path.abspath(path))
+    if tree is not None:
+        top = Path(os.path.abspath(tree))
+    elif model.name == "model" and model.parent.parent.name == "runs":
+        top = model.parent.parent.parent
+    else:
+        top = model.parent
+    return [top, Path(os.path.abspath(cache_dir()))]
 
 
 @contextlib.contextmanager
@@ -391,13 +414,36 @@ class MMLLM(nn.Module):
         return save_llava(self, path, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, **overrides) -> "MMLLM":
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, *, trust_remote_code: bool = False,
+                        allow_outside_paths: bool = False, tree: str | os.PathLike | None = None,
+                        **overrides) -> "MMLLM":
+        """Open a ``save_pretrained`` directory.
+
+        The directory is treated as untrusted: ``trust_remote_code`` is off unless given here
+        (a ``true`` in its ``config.json`` is ignored with a warning), weights load only from
+        safetensors, and every local component path it names must lie inside its tree: the
+        model dir's parent (so ``../clip`` beside it), ``tree`` when given, ``<tree>`` for a
+        training run's ``<tree>/runs/<run>/model``, or mmllm's cache. ``allow_outside_paths``
+        lifts that check for a directory you trust. ``overrides`` change config fields.
+        """
         from .weights import load_state_dict
 
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_NAME}; point to a directory written by save_pretrained")
         config = MMLLMConfig.from_json(path / CONFIG_NAME).resolved(path)
+        if not allow_outside_paths:
+            roots = model_tree(path, tree)
+            outside = config.paths_outside(roots)
+            if outside:
+                field, where = next(iter(outside.items()))
+                raise ConfigError(
+                    f"{path / CONFIG_NAME} names {len(outside)} path(s) outside the model's tree, e.g. {field} = "
+                    f"{where!r}; a model directory may name files only inside {' or '.join(map(str, roots))}. If you "
+                    f"trust it, load it with allow_outside_paths=True (mmllm.load({str(path)!r}, "
+                    "allow_outside_paths=True)), or give the component as an override")
+        if trust_remote_code:
+            overrides = {**overrides, "llm.trust_remote_code": True}
         if overrides:
             config = config.replace(**overrides)
         missing = config.missing_paths()
@@ -415,6 +461,8 @@ class MMLLM(nn.Module):
         return model
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy trained weights in; every key must be there with this model's exact shape and
+        a dtype of the same kind (floating point / integer / bool): no broadcasting."""
         expected = set(self.trainable_state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
@@ -424,6 +472,12 @@ class MMLLM(nn.Module):
                 "config.json saved beside it."
             )
         params = dict(self.named_parameters(remove_duplicate=False))
+        for name, value in state.items():
+            want = params[name]
+            if tuple(value.shape) != tuple(want.shape) or _dtype_kind(value.dtype) != _dtype_kind(want.dtype):
+                raise ValueError(
+                    f"checkpoint does not fit this config: {name} is {tuple(value.shape)} {value.dtype} in the file "
+                    f"but {tuple(want.shape)} {want.dtype} in the model. Load it with the config.json saved beside it.")
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value.to(params[name].dtype))

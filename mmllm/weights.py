@@ -10,13 +10,19 @@ import torch
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def check_not_pickle(path: str | os.PathLike) -> None:
+    """Refuse a pickle-based weight file (by its suffix), saying how to convert it."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(
             f"refusing to load {str(path)!r}: pickle-based weight files can run arbitrary code. Convert it once, "
             "in a process you trust, with safetensors.torch.save_file(torch.load(path), 'weights.safetensors')"
         )
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    check_not_pickle(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     from safetensors.torch import load_file

@@ -158,7 +158,8 @@ class Decoder:
         if dtype_name not in DTYPES:
             raise ValueError(f"decoder option dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
         cls = getattr(diffusers, self.pipeline_class)
-        return cls.from_pretrained(cfg.source, **{_dtype_keyword(): DTYPES[dtype_name]})
+        # Weights only from safetensors: a pickle (.bin) can run code.
+        return cls.from_pretrained(cfg.source, use_safetensors=True, **{_dtype_keyword(): DTYPES[dtype_name]})
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         self.pipeline.save_pretrained(str(directory))

@@ -64,9 +64,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _read_model_type(path: Path) -> str | None:
     try:
-        return json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
+        data = json.loads((path / "config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, RecursionError):  # not a Llava config; the mmllm loader says what is wrong
         return None
+    return data.get("model_type") if isinstance(data, dict) else None
 
 
 def is_llava_checkpoint(path: str | os.PathLike) -> bool:

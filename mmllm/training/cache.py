@@ -109,6 +109,11 @@ class _ShardWriter:
         self.count += 1
 
 
+def _cache_file(name: str) -> bool:
+    """A file an earlier ``build_feature_cache`` wrote (its set of shards may differ)."""
+    return name == INDEX or (name.startswith("shard-") and name.endswith(".safetensors"))
+
+
 @torch.no_grad()
 def build_feature_cache(model, examples: Iterable, out: str | os.PathLike, shard_size: int = 1024,
                         batch_size: int = 32) -> dict[str, int]:
@@ -117,7 +122,8 @@ def build_feature_cache(model, examples: Iterable, out: str | os.PathLike, shard
     Written to a temporary directory and renamed at the end, so a cache is whole or absent.
     Returns counts per kind.
     """
-    with atomic_directory(out) as tmp:  # a cache is whole or absent
+    # A cache is whole or absent; an older cache's shards may be replaced, nothing else in ``out``.
+    with atomic_directory(out, owns=_cache_file) as tmp:
         writer = _ShardWriter(tmp, shard_size)
         proc = model.processor
         todo_media: dict[str, list[str]] = {m: [] for m in proc.modalities}

@@ -48,6 +48,10 @@ class TrainConfig(JsonConfig):
     resume: a checkpoint directory, or ``latest`` for the newest under ``out/checkpoints``.
     nan_policy: on a NaN/Inf loss, ``skip`` the step (weights untouched) or ``stop``.
     strict: stop at the first bad data row (with its row number) instead of skipping it.
+    max_bad_row_share: the run fails, without saving a model, when more than this share of
+        the rows it read were bad (and always when every row was bad); 1.0 never fails.
+    allow_outside_data_root: open media paths that lead out of the data root (``../x``,
+        absolute paths elsewhere); off, such a row is bad.
     feature_cache: directory written by ``scripts/cache_features.py``; media and targets found
         there are read instead of running the frozen encoders / decoder text encoders.
     """
@@ -84,6 +88,8 @@ class TrainConfig(JsonConfig):
     resume: Optional[str] = None
     nan_policy: str = "skip"
     strict: bool = False
+    max_bad_row_share: float = field(default=0.5, metadata={"minimum": 0, "maximum": 1})
+    allow_outside_data_root: bool = False
     feature_cache: Optional[str] = None
     seed: int = 0
     progress: bool = True
@@ -98,6 +104,8 @@ class TrainConfig(JsonConfig):
             raise ValueError("set steps > 0 or epochs > 0")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
+        if not 0 <= self.max_bad_row_share <= 1:
+            raise ValueError(f"max_bad_row_share={self.max_bad_row_share}; use a share from 0 to 1 (1: never fail)")
         if self.group_by_length < 0:
             raise ValueError(f"group_by_length={self.group_by_length}; use 0 (off) or a window of N >= 1 batches")
 

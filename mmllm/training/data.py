@@ -96,7 +96,7 @@ class DataReport:
 def iter_json_array(path: str | os.PathLike, chunk: int = 1 << 16) -> Iterator[tuple[int, object]]:
     """Stream the elements of a top-level JSON array: (1-based index, value or exception)."""
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as spreadsheets write, is read
         buf, pos, index, started = "", 0, 0, False
         eof = False
         while True:
@@ -138,7 +138,7 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -147,7 +147,7 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
                 except json.JSONDecodeError as err:
                     yield n, RowError(f"invalid JSON ({err.msg})")
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             for row in reader:
                 yield reader.line_num, row
@@ -177,8 +177,9 @@ class Example:
 class ExampleBuilder:
     """Rows -> ``Example``; raises ``RowError`` with the reason for a bad row."""
 
-    def __init__(self, model, data_root: str | os.PathLike | None = None):
+    def __init__(self, model, data_root: str | os.PathLike | None = None, allow_outside_root: bool = False):
         self.model = model
+        self.allow_outside_root = allow_outside_root
         self.processor = model.processor
         self.tok = model.tokenizer
         self.data_root = Path(data_root) if data_root is not None else None
@@ -195,7 +196,13 @@ class ExampleBuilder:
         if not isinstance(value, str) or not value:
             raise RowError(f"media path must be a non-empty string, got {value!r}")
         p = Path(value)
-        p = p if p.is_absolute() else self._root(source) / p
+        root = self._root(source)
+        p = p if p.is_absolute() else root / p
+        if not self.allow_outside_root:
+            real, top = os.path.realpath(p), os.path.realpath(root)
+            if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+                raise RowError(f"media path {value!r} leads out of the data root {str(root)!r}; keep media under "
+                               "it, or set allow_outside_data_root=True if you trust this data")
         if not p.is_file():
             raise RowError(f"media file not found: {str(p)!r}")
         return str(p)

@@ -27,7 +27,7 @@ import torch
 from .cache import FeatureCache
 from .collate import Collator
 from .config import TrainConfig
-from .data import DataReport, ExampleBuilder, StreamingData, sources_from
+from .data import DataError, DataReport, ExampleBuilder, StreamingData, sources_from
 from .freeze import parameter_table, set_trainable
 from .losses import TrainingModule
 
@@ -43,7 +43,13 @@ class TrainResult:
     skipped_steps: list = field(default_factory=list)  # steps dropped for a NaN/Inf loss
     evals: list = field(default_factory=list)  # (step, metrics)
     bad_rows: int = 0
+    good_rows: int = 0  # examples trained on (a row read in two epochs counts twice)
     model_dir: Optional[Path] = None
+
+    @property
+    def final_loss(self) -> Optional[float]:
+        """The last finite step loss (a step whose rows were all bad has none), or None."""
+        return next((x for x in reversed(self.losses) if math.isfinite(x)), None)
 
 
 def resolve_model_path(name: str) -> str:
@@ -157,7 +163,7 @@ class Trainer:
 
     def _data(self):
         cfg = self.cfg
-        builder = ExampleBuilder(self.model, cfg.data_root)
+        builder = ExampleBuilder(self.model, cfg.data_root, cfg.allow_outside_data_root)
         sources = sources_from(cfg.captions, cfg.generation, cfg.conversations, cfg.file_passes)
         data = StreamingData(sources, builder, cfg.batch_size, self.report, cfg.mix, cfg.shuffle_buffer, cfg.seed,
                              self.acc.process_index, self.acc.num_processes, group_by_length=cfg.group_by_length)
@@ -285,6 +291,7 @@ class Trainer:
                     if tb is None:  # every example was bad: a zero loss keeps processes in step
                         loss, parts = sum(p.sum() * 0.0 for p in params), {}
                     else:
+                        result.good_rows += tb.num_examples
                         loss, parts = module(**tb.to(acc.device).inputs())
                     finite = torch.isfinite(loss.detach()).float().reshape(1)
                     finite = acc.gather(finite).min().item() > 0
@@ -362,11 +369,32 @@ class Trainer:
             self.acc.log({f"eval/{k}": float(v) for k, v in metrics.items()}, step=step)
         self.print(f"step {step}: eval {metrics}")
 
+    def _check_bad_share(self, result: TrainResult) -> None:
+        """Fail, before anything is saved, when too many rows were bad (every process reads
+        its own share of the rows; the counts are summed)."""
+        acc, report = self.acc, self.report
+        counts = torch.tensor([float(report.count), float(result.good_rows)], device=acc.device)
+        bad, good = (acc.reduce(counts, "sum") if acc.num_processes > 1 else counts).tolist()
+        total = bad + good
+        limit = self.cfg.max_bad_row_share
+        if bad and (good == 0 or bad / total > limit):
+            files = sorted({b.source for b in report.rows})
+            first = "\n".join(f"  {b.source} row {b.row}: {b.reason}" for b in report.rows[:5])
+            if acc.is_main_process:
+                out = Path(self.cfg.out)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "bad_rows.json").write_text(json.dumps({"count": report.count, "rows": report.to_json()}, indent=1))
+            raise DataError(
+                f"{int(bad)} of {int(total)} rows read were bad ({bad / total:.0%}; max_bad_row_share={limit}), so no "
+                f"model was saved. Files: {', '.join(files)}. First errors:\n{first}\nFix the data (bad_rows.json "
+                "lists every bad row), or raise max_bad_row_share to train on the rest")
+
     def _finish(self, result: TrainResult) -> TrainResult:
         acc = self.acc
         acc.wait_for_everyone()
         out = Path(self.cfg.out)
         result.bad_rows = self.report.count
+        self._check_bad_share(result)
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             model.eval()
@@ -378,7 +406,9 @@ class Trainer:
                 raise disk_full_error(err, f"the finished model to {out / MODEL_DIR}", latest_checkpoint(out)) from err
             (out / "bad_rows.json").write_text(json.dumps({"count": self.report.count, "rows": self.report.to_json()}, indent=1))
             self.print(self.report.summary())
-            self.print(f"saved {result.model_dir} (open it with mmllm.load)")
+            final = result.final_loss
+            self.print(f"saved {result.model_dir} (open it with mmllm.load); final loss "
+                       f"{'none (no step had a usable row)' if final is None else f'{final:.4f}'}")
         acc.wait_for_everyone()
         for tracker in acc.trackers:  # not acc.end_training(): that also tears down the process group
             tracker.finish()
