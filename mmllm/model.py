@@ -397,15 +397,43 @@ class MMLLM(nn.Module):
                 out[name] = p.detach().cpu().contiguous()
         return out
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json`` and the trained parts as safetensors, atomically."""
+    def save_pretrained(self, path: str | os.PathLike, *, push_to_hub: bool = False, repo_id: str | None = None,
+                        private: bool | None = None, token: str | None = None,
+                        commit_message: str = "Upload mmllm model") -> Path:
+        """Write ``config.json`` and the trained parts as safetensors, atomically.
+
+        ``push_to_hub=True`` then uploads the directory to the hub repository ``repo_id``
+        (created if missing; ``private`` and ``token`` as in ``huggingface_hub``), the way
+        transformers models are shared; ``mmllm.load(repo_id)`` opens it. A model whose config
+        names local components outside ``path`` cannot be pushed: the hub copy would lack them.
+        """
         from safetensors.torch import save_file
 
+        if push_to_hub:
+            if not repo_id:
+                raise ValueError("push_to_hub=True needs repo_id='org/name'")
+            self._check_pushable(path)
         with atomic_directory(path) as tmp:
             # Components beside the model dir are referenced relatively, so the tree can move.
             self.config.relative_to(path).to_json(tmp / CONFIG_NAME)
             save_file(self.trainable_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message=commit_message)
         return Path(path)
+
+    def _check_pushable(self, path: str | os.PathLike) -> None:
+        inside = Path(os.path.abspath(path))
+        for field_name, obj, attr in self.config._sources():
+            value = getattr(obj, attr)
+            if value and os.path.isabs(value) and os.path.exists(value) and inside not in Path(value).parents:
+                raise ValueError(
+                    f"{field_name} = {value!r} is a local path outside {str(path)!r}, so a hub copy would not have "
+                    f"it; point it at a hub id (mmllm.load(..., **{{{field_name!r}: 'org/name'}})) or copy the "
+                    "component into the model directory before pushing")
 
     def save_llava(self, path: str | os.PathLike, **kwargs) -> Path:
         """Export the image -> text path as a transformers Llava directory; see ``mmllm.interop.llava.save_llava``."""

@@ -2,6 +2,7 @@
 shipped model, a preset, then a hub id read from the local hub cache."""
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -165,3 +166,35 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(tree, tmp_path, monkeypatch):
         assert torch.equal(a, b), name
     with pytest.raises(FileNotFoundError, match="could not be read.*huggingface-cli download"):
         api.resolve("acme/absent")
+
+
+def test_save_pretrained_pushes_to_the_hub_like_transformers(tree, tmp_path, monkeypatch):
+    """``push_to_hub=True`` creates the repository and uploads the saved directory (the hub
+    client is replaced by a recorder: no network); local components outside the directory
+    are refused before anything is written."""
+    import huggingface_hub
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    model = MMLLM.from_pretrained(tree / "model")
+    with pytest.raises(ValueError, match=r"inputs.image.encoder.source = .*outside.*hub id"):
+        model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="acme/m")
+    assert not (tmp_path / "out").exists() and calls == []
+    model.config.inputs["image"].encoder.source = "acme/tiny-clip"
+    model.config.outputs["image"].decoder.source = "acme/tiny-sd"
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="acme/m", private=True, token="t")
+    assert calls == [("token", "t"), ("create", "acme/m", True, True),
+                     ("upload", "acme/m", ["config.json", "trainable.safetensors"])]
+    with pytest.raises(ValueError, match="needs repo_id"):
+        model.save_pretrained(tmp_path / "out2", push_to_hub=True)
