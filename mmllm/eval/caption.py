@@ -12,8 +12,11 @@ string, and the result's ``settings.tokenizer`` says which one ran.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import sys
+from pathlib import Path
 
 # PTB tokens the official evaluation drops after tokenising.
 PUNCTUATION_TOKENS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
@@ -60,9 +63,38 @@ def tokenize(captions: dict, use_java: bool | None = None) -> tuple[dict, str]:
     return {k: [simple_ptb_tokenize(c["caption"]) for c in v] for k, v in captions.items()}, "python-ptb-fallback"
 
 
-def score(predictions: dict, references: dict, use_java: bool | None = None) -> tuple[dict, dict]:
+def _meteor(gts: dict, res: dict, timeout: float) -> float:
+    """pycocoevalcap's METEOR, given ``timeout`` seconds (its Java process loads paraphrase
+    tables first, and waits forever when it cannot start)."""
+    import threading
+
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    box: dict = {}
+
+    def work():
+        try:
+            box["meteor"] = Meteor()
+            box["score"] = float(box["meteor"].compute_score(gts, res)[0])
+        except Exception as err:  # re-raised below
+            box["error"] = err
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "score" in box:
+        return box["score"]
+    process = getattr(box.get("meteor"), "meteor_p", None)
+    if process is not None:
+        process.kill()
+    raise box.get("error") or TimeoutError(f"METEOR gave no score within {timeout:.0f} s")
+
+
+def score(predictions: dict, references: dict, use_java: bool | None = None, java_metrics: bool = True,
+          java_timeout: float = 600.0) -> tuple[dict, dict]:
     """``predictions`` image_id -> caption; ``references`` image_id -> [captions]; scored over the
-    predicted images, as pycocoevalcap's ``COCOEvalCap`` does. -> (metrics, notes)."""
+    predicted images, as pycocoevalcap's ``COCOEvalCap`` does. ``java_metrics=False`` skips
+    METEOR and SPICE (slow to start). -> (metrics, notes)."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -75,7 +107,8 @@ def score(predictions: dict, references: dict, use_java: bool | None = None) -> 
     res, _ = tokenize({i: [{"caption": predictions[i]}] for i in ids}, use_java)
     metrics: dict = {}
     notes: dict = {"tokenizer": tokenizer}
-    bleu, _ = Bleu(4).compute_score(gts, res)
+    with contextlib.redirect_stdout(sys.stderr):  # BleuScorer prints its counts
+        bleu, _ = Bleu(4).compute_score(gts, res)
     metrics.update({f"Bleu_{k + 1}": float(v) for k, v in enumerate(bleu)})
     metrics["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     metrics["CIDEr"] = float(Cider().compute_score(gts, res)[0])
@@ -83,15 +116,22 @@ def score(predictions: dict, references: dict, use_java: bool | None = None) -> 
         notes["skipped"] = {"METEOR": "needs Java (not on PATH)", "SPICE": "needs Java (not on PATH)"}
         return metrics, notes
     skipped = {}
+    if not java_metrics:
+        notes["skipped"] = {"METEOR": "turned off (java_metrics=False)", "SPICE": "turned off (java_metrics=False)"}
+        return metrics, notes
     try:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        metrics["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+        metrics["METEOR"] = _meteor(gts, res, java_timeout)
     except Exception as err:  # a Java program: report why, keep the other metrics
         skipped["METEOR"] = " ".join(str(err).split())[:200] or type(err).__name__
     try:
+        from pycocoevalcap.spice import get_stanford_models as corenlp
         from pycocoevalcap.spice.spice import Spice
 
+        jar = Path(corenlp.SPICEDIR) / corenlp.SPICELIB / f"{corenlp.JAR}.jar"
+        if not jar.exists():  # Spice() would try to download it, and hang without a network
+            raise FileNotFoundError("needs Stanford CoreNLP 3.6.0 in pycocoevalcap/spice/lib (pycocoevalcap "
+                                    "downloads it on first use: run `python -c 'from pycocoevalcap.spice.spice "
+                                    "import Spice; Spice()'` once with a network)")
         metrics["SPICE"] = float(Spice().compute_score(gts, res)[0])
     except Exception as err:  # fetches Stanford CoreNLP models on first use
         skipped["SPICE"] = " ".join(str(err).split())[:200] or type(err).__name__

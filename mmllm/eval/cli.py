@@ -31,6 +31,7 @@ OPTIONS = {
     "reference_images": "text_to_image: folder of real images for FID",
     "clap": "text_to_audio: a local Hugging Face CLAP directory (CLAP score, FAD embeddings)",
     "reference_audio": "text_to_audio: folder of real audio clips for FAD",
+    "java_metrics": "coco_caption: on (default) or off, METEOR and SPICE (Java programs, slow to start)",
     "splits": "toy: train, test or both (default both)",
     "n": "toy: items per modality and split (default 24)",
 }

@@ -69,9 +69,6 @@ class _Generation(Task):
     default_prompt = "{prompt}"
     default_max_new_tokens = 48
 
-    def check(self, opts, with_model):
-        super().check(opts, with_model)
-
     def load(self, opts, limit):
         prompts = read_prompts(opts["prompts"]) if opts.get("prompts") else []
         return {"prompts": prompts[:limit] if limit else prompts}

@@ -114,6 +114,7 @@ class COCOCaption(Task):
     options = {
         "annotations": "official captions JSON (captions_val2014.json, or a Karpathy-split file in its layout)",
         "images": "folder of the COCO images (read by each image's file_name)",
+        "java_metrics": "on (default) or off: METEOR and SPICE, which need Java",
     }
     needs_for_model = ("annotations", "images")
     needs_for_predictions = ("annotations",)
@@ -157,7 +158,10 @@ class COCOCaption(Task):
                 bad.add("missing_prediction", image_id)  # not scored, as COCOEvalCap scores the results given
         if not captions:
             raise ValueError("no prediction matches an annotated image; nothing to score")
-        metrics, notes = caption.score(captions, data["references"])
+        java = str(opts.get("java_metrics", "on")).lower()
+        if java not in ("on", "off", "true", "false"):
+            raise ValueError(f"java_metrics {java!r}: use on or off")
+        metrics, notes = caption.score(captions, data["references"], java_metrics=java in ("on", "true"))
         return metrics, notes, len(captions)
 
 
