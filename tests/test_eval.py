@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmllm.eval import evaluate, get_task, vqa
@@ -224,3 +225,43 @@ def test_importing_the_package_loads_no_scorer_and_no_toy_world():
     code = ("import sys, mmllm.eval, mmllm.cli; mmllm.cli.build_parser(); "
             "print([m for m in sys.modules if m.startswith(('pycocoevalcap', 'torchmetrics', 'mmllm.toy'))])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------- generation metrics
+
+
+class _MeanColour(torch.nn.Module):
+    """A tiny FID feature extractor: uint8 (N, 3, H, W) -> per-channel means and spreads (N, 6)."""
+
+    num_features = 6
+
+    def forward(self, x):
+        x = x.float() / 255
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)
+
+
+def test_text_to_image_fid_is_torchmetrics_and_the_shared_frechet_formula(tmp_path):
+    from mmllm.eval.media_tasks import FID_SIZE, frechet_distance
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "ref").mkdir()
+    preds = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "gen" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 128, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "ref" / f"{i}.png")
+        preds.append({"prompt": f"picture {i}", "image": f"gen/{i}.png"})
+    preds.append({"prompt": "lost", "image": "gen/missing.png"})
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    result = evaluate("text_to_image", predictions=tmp_path / "p.jsonl", reference_images=tmp_path / "ref",
+                      fid_feature=_MeanColour())
+
+    def features(folder):
+        ims = [np.asarray(Image.open(p).convert("RGB").resize((FID_SIZE, FID_SIZE), Image.BICUBIC))
+               for p in sorted(folder.glob("*.png"))]
+        return _MeanColour()(torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2))
+
+    assert result["metrics"]["FID"] == pytest.approx(frechet_distance(features(tmp_path / "gen"),
+                                                                      features(tmp_path / "ref")), rel=1e-4)
+    assert result["n"] == 4 and result["bad_rows"]["missing_image"]["count"] == 1
+    assert "CLIPScore" in result["settings"]["skipped"]
