@@ -4,6 +4,7 @@
     mmllm generate --image x.png --prompt "Describe this." [--json]
     mmllm demo --model tiny --port 7860     the Gradio page (see ``python -m demo --help``)
     mmllm presets                           list preset names
+    mmllm eval TASK --model M ... --out r.json   score a model on a standard task (docs/evaluation.md)
 
 Bad input ends with a one-line message on stderr and exit status 2.
 """
@@ -213,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list preset names")
     presets.set_defaults(func=cmd_presets)
+
+    from mmllm.eval import cli as eval_cli  # imports no scorer until a task runs
+
+    evaluate = sub.add_parser("eval", help="score a model or a predictions file on a standard task",
+                              description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_cli.add_arguments(evaluate)
+    evaluate.set_defaults(func=eval_cli.main)
     return parser
 
 
