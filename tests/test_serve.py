@@ -116,7 +116,8 @@ def test_chat_returns_generated_image_and_audio(client, tiny):
     need = sum(len(tiny.signal_groups[m]) for m in ("image", "audio"))
     reply = client.chat.completions.create(
         model="tiny", messages=user("Draw a cat and let me hear it."), max_tokens=need + 2, seed=3,
-        extra_body={"mmllm": {"output_modalities": ["image", "audio"], **FAST, "audio_length_in_s": 0.5}})
+        extra_body={"mmllm": {"output_modalities": ["image", "audio"], **FAST, "audio_length_in_s": 0.5,
+                               "max_media": 1}})
     message = reply.choices[0].message
     media = message.model_extra["mmllm_media"]
     assert [m["type"] for m in media] == ["image"] and media[0]["mime_type"] == "image/png"

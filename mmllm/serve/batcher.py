@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 log = logging.getLogger("mmllm.serve")
 
@@ -83,7 +84,7 @@ class Job:
             self._call(lambda: self.future.done() or self.future.set_exception(err))
 
 
-class RowLimits:
+class RowLimits(StoppingCriteria):
     """A transformers ``StoppingCriteria``: row ``i`` stops after ``limits[i]`` tokens, or when its
     request is cancelled."""
 
@@ -96,7 +97,7 @@ class RowLimits:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class RequireSignals:
+class RequireSignals(LogitsProcessor):
     """A transformers ``LogitsProcessor``: each row's answer carries every modality in
     ``required[i]``. The row may not end before it has them, and the first signal token of a
     missing one is forced once the tokens left are just enough for its signal sequence.
@@ -242,8 +243,6 @@ class Batcher:
                 self._running = 0
 
     def _kwargs(self, jobs: list[Job]) -> dict:
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
         first = jobs[0]
         limits = [job.max_tokens for job in jobs for _ in job.rows]
         kwargs = dict(first.sampling, max_new_tokens=max(limits), seed=first.seed,
