@@ -207,7 +207,9 @@ def test_load_loses_no_request(server):
     assert model_calls() - before < 16  # requests were batched
 
 
-def test_full_queue_is_429_and_the_queue_drains(tiny):
+def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(tiny):
+    import httpx
+
     from mmllm.generation import GenerateResult
 
     class Held:
@@ -226,22 +228,34 @@ def test_full_queue_is_429_and_the_queue_drains(tiny):
 
     held = Held(tiny)
     app = create_app(held, ServeSettings(model_name="tiny", max_queue=1, max_batch_size=1, batch_wait_s=0))
+    queue = app.state.batcher
     with LocalServer(app) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
         ask = dict(model="tiny", messages=user("Hi"), max_tokens=2)
+
+        def wait_until(condition):
+            deadline = time.time() + 30
+            while not condition():
+                assert time.time() < deadline
+                time.sleep(0.01)
+
         with cf.ThreadPoolExecutor(2) as pool:
             first = pool.submit(client.chat.completions.create, **ask)
-            while held.calls == 0:  # the worker holds the first request
-                time.sleep(0.01)
-            second = pool.submit(client.chat.completions.create, **ask)
-            while app.state.batcher.queue_depth == 0:  # the second waits in the queue
-                time.sleep(0.01)
+            wait_until(lambda: held.calls == 1)  # the worker holds the first request
+            impatient = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=ask, timeout=0.5)
+            wait_until(lambda: queue.queue_depth == 1)  # the second waits in the queue
             with pytest.raises(openai.RateLimitError) as err:
                 client.chat.completions.create(**ask)
             assert err.value.body["code"] == "queue_full"
+            with pytest.raises(httpx.TimeoutException):
+                impatient.result()
+            wait_until(lambda: queue.queue_depth == 0)  # its client left: the slot is free again
+            third = pool.submit(client.chat.completions.create, **ask)
+            wait_until(lambda: queue.queue_depth == 1)
             held.gate.set()
             assert first.result().choices[0].message.content == "held"
-            assert second.result().choices[0].message.content == "held"
+            assert third.result().choices[0].message.content == "held"
+        assert held.calls == 2  # the abandoned request never reached the model
 
 
 def test_stop_strings():

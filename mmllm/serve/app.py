@@ -302,10 +302,10 @@ def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
                 if done:
                     return job.future.result()
                 if await request.is_disconnected():
-                    job.cancel()
+                    batcher.cancel(job)
                     return None
         except asyncio.CancelledError:
-            job.cancel()
+            batcher.cancel(job)
             raise
 
     def submit(job: Job) -> Job:
@@ -443,7 +443,7 @@ def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
             yield "data: [DONE]\n\n"
         finally:
             if not finished:
-                job.cancel()  # the client went away
+                batcher.cancel(job)  # the client went away
 
     @v1.post("/images/generations")
     async def images_generations(body: ImageRequest, request: Request):

@@ -34,7 +34,7 @@ class QueueFull(Exception):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity in the queue
 class Job:
     """One request: its rows (``generate_batch`` dicts, one per choice) and settings."""
 
@@ -189,6 +189,14 @@ class Batcher:
             self._pending.append(job)
             self._cond.notify_all()
         return job
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: take ``job`` off the queue, or stop it at its next token."""
+        job.cancel()
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+                job.drop()
 
     # ------------------------------------------------------------------ the worker
 
