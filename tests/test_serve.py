@@ -265,3 +265,17 @@ def test_stop_strings():
     assert streamed == "abc" and f.stopped
     f = StopFilter(["END"])
     assert "".join(f.feed(p) for p in ["ab", "cE", "Nx"]) + f.flush() == "abcENx"
+
+
+def test_serve_command_flags(monkeypatch):
+    from mmllm import cli
+    from mmllm.serve import settings_from_args
+
+    monkeypatch.setenv("MMLLM_API_KEY", "from-env")
+    args = cli.build_parser().parse_args(["serve", "--model", "tiny", "--max-batch-size", "1", "--batch-wait-ms", "2",
+                                          "--max-body-mb", "1", "--allowed-local-media-path", "/data"])
+    assert args.func is cli.cmd_serve and args.host == "127.0.0.1" and args.port == 8000
+    settings = settings_from_args(args, "tiny")
+    assert (settings.model_name, settings.api_key, settings.max_batch_size) == ("tiny", "from-env", 1)
+    assert settings.batch_wait_s == 0.002 and settings.max_body_bytes == 2**20
+    assert settings.allowed_local_media_path == "/data" and not settings.allow_remote_media

@@ -16,7 +16,7 @@ import time
 
 from .settings import API_KEY_ENV, ServeSettings, add_arguments, settings_from_args
 
-__all__ = ["API_KEY_ENV", "ServeSettings", "add_arguments", "create_app", "main", "serve"]
+__all__ = ["API_KEY_ENV", "ServeSettings", "add_arguments", "create_app", "main", "serve", "settings_from_args"]
 
 
 def create_app(model, settings: ServeSettings | None = None):
