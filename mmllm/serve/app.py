@@ -266,7 +266,7 @@ def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
             values["output_modalities"] = sorted(wanted)
         return values
 
-    async def prepare(messages: list, n: int) -> tuple[dict, int]:
+    async def prepare(messages: list) -> tuple[dict, int]:
         """Decode the media and count prompt tokens, off the event loop."""
         def work():
             conv = to_conversation(model, messages, settings)
@@ -355,7 +355,7 @@ def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
         sampling = media_sampling(body.mmllm, required)
         sampling.update(temperature=1.0 if body.temperature is None else body.temperature,
                         top_p=1.0 if body.top_p is None else body.top_p)
-        conv, n_prompt = await prepare(body.messages, body.n)
+        conv, n_prompt = await prepare(body.messages)
         need = sum(len(groups[m]) for m in required)
         max_tokens = token_budget(body.max_completion_tokens or body.max_tokens, n_prompt, need)
         job = submit(Job(rows=[conv] * body.n, max_tokens=max_tokens, sampling=sampling, seed=body.seed,

@@ -6,8 +6,8 @@
   ``max_tokens``: each row stops at its own limit.
 * A request with a ``seed`` runs in a batch of its own, after ``torch.manual_seed(seed)``, so its
   answer is the same whether it arrives alone or among others (padding with other rows changes
-  floating-point sums, so a shared batch could not promise bit-identical results). The RNG is
-  reseeded at random afterwards, so unseeded requests stay unpredictable.
+  floating-point sums, so a shared batch could not promise bit-identical results). It runs on a
+  forked RNG, so torch's global RNG is as it was afterwards.
 * A streamed request also runs alone, through ``generate(stream=True)``.
 * A request whose client went away is dropped from the queue, or stopped at its next token.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -262,12 +263,21 @@ class Batcher:
                 [RequireSignals(self.model.signal_groups, required, limits, _end_ids(self.model))])
         return kwargs
 
+    def _rng(self, job: Job):
+        """A seeded job runs on a forked RNG: torch's global state is restored afterwards, so the
+        seed neither leaks into later unseeded requests nor disturbs other users of torch."""
+        if job.seed is None:
+            return contextlib.nullcontext()
+        device = self.model.device
+        return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
     def _run(self, batch: list[Job]) -> None:
         rows = [row for job in batch for row in job.rows]
         if self.on_batch:
             self.on_batch(len(rows))
         try:
-            results = self.model.generate_batch(rows, **self._kwargs(batch))
+            with self._rng(batch[0]):
+                results = self.model.generate_batch(rows, **self._kwargs(batch))
         except Exception:
             if len(batch) == 1:
                 raise
@@ -277,9 +287,6 @@ class Batcher:
                 except Exception as err:
                     job.fail(err)
             return
-        finally:
-            if batch[0].seed is not None:
-                torch.seed()
         start = 0
         for job in batch:
             job.resolve(results[start:start + len(job.rows)])
@@ -289,15 +296,12 @@ class Batcher:
         if self.on_batch:
             self.on_batch(1)
         row = job.rows[0]
-        try:
+        with self._rng(job):
             stream = self.model.generate(row["prompt"], history=row.get("history"), image=row.get("image"),
                                          audio=row.get("audio"), video=row.get("video"), stream=True,
                                          **self._kwargs([job]))
             for piece in stream:  # after a cancel, RowLimits ends the stream at its next token
                 if not job.cancelled.is_set():
                     job.resolve(piece)
-            if not job.cancelled.is_set():
-                job.resolve([stream.result])
-        finally:
-            if job.seed is not None:
-                torch.seed()
+        if not job.cancelled.is_set():
+            job.resolve([stream.result])
