@@ -81,18 +81,41 @@ def test_models_auth_health_and_metrics(server, client):
     assert "mmllm_queue_depth" in text and "mmllm_request_duration_seconds_bucket" in text
 
 
-def test_chat_with_image_counts_usage(client, media_dir, tiny):
+def gif_data_url(frames: int = 3, size: int = 16) -> str:
+    from PIL import Image
+
+    images = [Image.new("RGB", (size, size), (40 * i, 100, 200)) for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
+    return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def wav_base64(seconds: float = 0.25, rate: int = 8000) -> str:
+    import wave
+
+    pcm = (np.sin(np.arange(int(seconds * rate)) * 0.3) * 20000).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_with_image_audio_and_video_counts_usage(client, media_dir, tiny):
     from PIL import Image
 
     Image.new("RGB", (20, 12), (200, 30, 40)).save(media_dir / "red.png")
-    reply = client.chat.completions.create(
-        model="tiny", messages=user("What are these?", png_data_url(), f"file://{media_dir / 'red.png'}"),
-        max_tokens=4, seed=1)
+    messages = user("What are these?", png_data_url(), f"file://{media_dir / 'red.png'}")
+    messages[0]["content"][:0] = [{"type": "input_audio", "input_audio": {"data": wav_base64(), "format": "wav"}},
+                                  {"type": "video_url", "video_url": {"url": gif_data_url()}}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, seed=1)
     choice = reply.choices[0]
     assert reply.object == "chat.completion" and choice.message.role == "assistant"
     assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
-    image_positions = tiny.processor.modalities["image"].num_tokens
-    assert reply.usage.prompt_tokens > 2 * image_positions
+    positions = {m: spec.num_tokens for m, spec in tiny.processor.modalities.items()}
+    assert reply.usage.prompt_tokens > 2 * positions["image"] + positions["audio"] + positions["video"]
     assert 0 <= reply.usage.completion_tokens <= 4
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
@@ -242,7 +265,7 @@ def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(tiny):
         with cf.ThreadPoolExecutor(2) as pool:
             first = pool.submit(client.chat.completions.create, **ask)
             wait_until(lambda: held.calls == 1)  # the worker holds the first request
-            impatient = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=ask, timeout=0.5)
+            impatient = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=ask, timeout=3)
             wait_until(lambda: queue.queue_depth == 1)  # the second waits in the queue
             with pytest.raises(openai.RateLimitError) as err:
                 client.chat.completions.create(**ask)
