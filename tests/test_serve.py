@@ -302,3 +302,36 @@ def test_serve_command_flags(monkeypatch):
     assert (settings.model_name, settings.api_key, settings.max_batch_size) == ("tiny", "from-env", 1)
     assert settings.batch_wait_s == 0.002 and settings.max_body_bytes == 2**20
     assert settings.allowed_local_media_path == "/data" and not settings.allow_remote_media
+
+
+def test_remote_media_is_fetched_only_when_allowed_and_within_the_limit(tmp_path):
+    import functools
+    import http.server
+
+    from mmllm.serve.protocol import APIError, load_part
+
+    png = base64.b64decode(png_data_url(size=16).split(",", 1)[1])
+    (tmp_path / "cat.png").write_bytes(png)
+    (tmp_path / "big.png").write_bytes(png + b"\0" * 4096)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    def load(url, **settings):
+        part = {"type": "image_url", "image_url": {"url": url}}
+        return load_part(part, "image", ServeSettings(**settings), None, "messages[0].content[0]")
+
+    try:
+        with pytest.raises(APIError, match="--allow-remote-media"):
+            load(f"{base}/cat.png")
+        assert load(f"{base}/cat.png", allow_remote_media=True).size == (16, 16)
+        with pytest.raises(APIError, match="MB media limit") as err:
+            load(f"{base}/big.png", allow_remote_media=True, max_media_bytes=len(png) + 100)
+        assert err.value.status == 400 and err.value.code == "media_too_large"
+        with pytest.raises(APIError, match="could not fetch"):
+            load(f"{base}/missing.png", allow_remote_media=True)
+        with pytest.raises(APIError, match="MB limit"):
+            load(png_data_url(size=64), max_media_bytes=100)
+    finally:
+        httpd.shutdown()
