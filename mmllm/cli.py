@@ -3,6 +3,7 @@
     mmllm chat --model tiny                 terminal chat (/image PATH, /audio PATH, /video PATH, /reset, /quit)
     mmllm generate --image x.png --prompt "Describe this." [--json]
     mmllm demo --model tiny --port 7860     the Gradio page (see ``python -m demo --help``)
+    mmllm serve --model tiny --port 8000    an OpenAI-compatible HTTP API (docs/serving.md)
     mmllm presets                           list preset names
     mmllm eval TASK --model M ... --out r.json   score a model on a standard task (docs/evaluation.md)
 
@@ -155,6 +156,12 @@ def cmd_demo(args) -> int:
     return serve(args)
 
 
+def cmd_serve(args) -> int:
+    from mmllm.serve import serve
+
+    return serve(args)
+
+
 def cmd_presets(args) -> int:
     from mmllm.config import available_presets
 
@@ -211,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="serve the web demo")
     add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)
+
+    from mmllm.serve.settings import add_arguments as add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")).set_defaults(
+        func=cmd_serve)
 
     presets = sub.add_parser("presets", help="list preset names")
     presets.set_defaults(func=cmd_presets)
