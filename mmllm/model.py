@@ -384,12 +384,6 @@ class MMLLM(nn.Module):
             save_file(self.trainable_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         return Path(path)
 
-    def save_llava(self, path: str | os.PathLike, **kwargs) -> Path:
-        """Export the image -> text path as a transformers Llava directory; see ``mmllm.interop.llava.save_llava``."""
-        from .interop.llava import save_llava
-
-        return save_llava(self, path, **kwargs)
-
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, **overrides) -> "MMLLM":
         from .weights import load_state_dict
