@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fileio import atomic_directory
-from . import world
+from . import oracle, world
 
 IMAGE_SIZE = 32
 VIDEO_FRAMES = 4  # few frames keep the 3-D UNet affordable on a CPU; motion is still readable
@@ -399,6 +399,22 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return x.movedim(-1, -3)
 
 
+@torch.no_grad()
+def vae_roundtrip(vae, n: int = 96, seed: int = 0) -> dict:
+    """Oracle accuracies of world images encoded and decoded by ``vae`` (a diffusers
+    ``AutoencoderKL``, or anything with its ``encode(x).latent_dist.mode()`` and
+    ``decode(z).sample``), held-in and held-out: what any decoder built on it can draw at best."""
+    rng = np.random.default_rng([seed, 7919, sum(map(ord, "vae"))])
+    report = {}
+    for split_name, split in (("held_in", "train"), ("held_out", "test")):
+        specs = [world.sample_spec(rng, "image", split) for _ in range(n)]
+        x = to_unit(np.stack([world.render_image(s, IMAGE_SIZE) for s in specs]))  # (N, 3, H, W) in [-1, 1]
+        out = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        back = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).numpy()
+        report[split_name] = oracle.score_batch([oracle.analyse_image(b) for b in back], specs)
+    return report
+
+
 def spectrogram_images(waves: np.ndarray, mel) -> torch.Tensor:
     """float (N, S) -> (N, 3, n_mels, frames) in [-1, 1], grey repeated over RGB."""
     img = mel.to_image(torch.from_numpy(waves))  # (N, n_mels, frames) in [0, 1]
@@ -580,8 +596,7 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
         recon_mse = F.mse_loss(vae.decode(latents).sample, sample).item()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))  # SD's convention: unit-variance latents
     vae.to("cpu").save_pretrained(out)
-    from .quality import vae_roundtrip  # the oracle's reading of its images: every decoder's ceiling
-
+    # The oracle's reading of its images: every decoder's ceiling.
     roundtrip = {split: {k: round(v, 3) for k, v in scores.items()}
                  for split, scores in vae_roundtrip(vae, n=48, seed=seed).items()}
     return {**loss_summary(losses), "recon_mse": recon_mse, "scaling_factor": vae.config.scaling_factor,

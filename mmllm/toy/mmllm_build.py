@@ -270,17 +270,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _single_turn(user: str, reply: str, media: Optional[tuple[str, str]] = None, output: Optional[dict] = None) -> dict:
-    row: dict = {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]}
-    if media is not None:
-        modality, path = media
-        row[modality] = path
-        row["conversations"][0]["value"] = f"{world.input_placeholder(modality)}\n{user}"
-    if output is not None:
-        row["outputs"] = [output]
-    return row
-
-
 def _qa_conversation(row: dict, turns: int, rng: np.random.Generator, first: Optional[str] = None) -> dict:
     """The QA item's question (or, with ``first``, a question about that attribute), then up
     to ``turns - 1`` more about other attributes of the same media (LLaVA-style multi-turn):
@@ -292,7 +281,7 @@ def _qa_conversation(row: dict, turns: int, rng: np.random.Generator, first: Opt
         question, answer, _ = world.question_answer(spec, first, rng)
     others = [a for a in world.attribute_values(spec.modality) if a != first]
     extra = [others[i] for i in rng.permutation(len(others))[:int(rng.integers(turns))]]
-    conv = _single_turn(question, answer, (row["modality"], row["path"]))
+    conv = world.conversation_row(question, answer, (row["modality"], row["path"]))
     for attribute in extra:
         q, a, _ = world.question_answer(spec, attribute, rng)
         conv["conversations"] += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
@@ -352,15 +341,15 @@ def _write_stage_files(directory: Path, settings: DefaultSettings) -> None:
             continue
         reply = r["caption"][0].upper() + r["caption"][1:]
         reply += "" if reply.endswith(".") else "."
-        groups[m].append(_single_turn(DESCRIBE[m][int(rng.integers(3))], reply, (m, r["path"])))
+        groups[m].append(world.conversation_row(DESCRIBE[m][int(rng.integers(3))], reply, (m, r["path"])))
     for r in _read_jsonl(directory / "generation.jsonl"):
         spec = world.spec_from_dict(r["spec"])
-        groups["text"].append(_single_turn(r["request"], world.generation_reply(spec, rng),
+        groups["text"].append(world.conversation_row(r["request"], world.generation_reply(spec, rng),
                                            output={"modality": r["modality"], "caption": r["caption"]}))
         share = settings.brief_requests.get(r["modality"], 0.0)
         if share > 0 and rng.random() < share:  # no draw while off: the files stay as they were
             filled, request = world.brief_generation_request(spec, rng)
-            groups["text"].append(_single_turn(request, world.generation_reply(filled, rng),
+            groups["text"].append(world.conversation_row(request, world.generation_reply(filled, rng),
                                                output={"modality": r["modality"],
                                                        "caption": world.canonical_caption(filled)}))
     for d in json.loads((directory / "dialogues.json").read_text()):
