@@ -51,7 +51,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         text = f.metadata.get("help")
         if defaults is not None:
             value = getattr(defaults, f.name)
-            text = f"{text} (default {json.dumps(value) if tp in (dict, list) else value})" if text else f"default {value}"
+            shown = json.dumps(value) if tp in (dict, list) else value
+            text = f"{text} (default {shown})" if text else f"default {shown}"
         kwargs: dict[str, Any] = {"default": None, "help": text}
         if tp in (dict, list):
             kwargs.update(type=json.loads, metavar="JSON")

@@ -99,49 +99,30 @@ _default = configs.defaults("components")
 
 
 @dataclass
-class BuildSettings:
+class BuildSettings(configs.Recipe):
     """Step counts, batch sizes and pool sizes of every component's training run.
 
     The defaults are the ``default`` recipe's (``mmllm/toy/configs/default.json``);
     ``from_recipe(name)`` reads another (``quick``, ``fast``, ``smoke``).
     """
 
-    steps: dict = _default("steps")  # component -> training steps
-    batch: dict = _default("batch")  # component -> batch size
-    lr: dict = _default("lr")  # component -> learning rate
-    pool: dict = _default("pool")  # modality -> rendered training items
-    caption_dropout: float = _default("caption_dropout")  # decoders: empty captions, for classifier-free guidance
-    canonical_fraction: float = _default("canonical_fraction")  # decoders: share of canonical captions
-    corpus: int = _default("corpus")  # random captions + requests per modality for the tokenizer
-    # Loss weight of foreground pixels: objects cover a few percent of a frame.
-    foreground_weight: float = _default("foreground_weight")
-    clip_shape_groups: int = _default("clip_shape_groups")  # CLIP batches: groups that differ only in shape
-    # The world split the components train on: "train", "all", or per component (``split_of``).
-    split: str | dict = _default("split")
-    video_unet: str = _default("video_unet")  # the video decoder's UNet (``VIDEO_UNETS``)
-    # decoder -> what it trains of its text encoder beside its UNet (``TEXT_TUNING``; "frozen" where unset)
-    text_tuning: dict = _default("text_tuning")
-    text_lr_scale: float = _default("text_lr_scale")  # the tuned text encoder's rate, a fraction of its decoder's
+    SECTION = "components"
 
-    @classmethod
-    def from_recipe(cls, name: str) -> "BuildSettings":
-        """The components of toy recipe ``name`` (``mmllm.toy.configs``)."""
-        return cls(**configs.read(name)["components"])
-
-    @classmethod
-    def fast(cls) -> "BuildSettings":
-        """A few steps each, for tests."""
-        return cls.from_recipe("fast")
-
-    @classmethod
-    def quick(cls) -> "BuildSettings":
-        """The components of ``build_default.py --quick``: under 30 minutes from nothing on 2 CPU cores."""
-        return cls.from_recipe("quick")
-
-    @classmethod
-    def smoke(cls) -> "BuildSettings":
-        """Enough steps for every component's loss to fall, in well under a minute on a CPU."""
-        return cls.from_recipe("smoke")
+    steps: dict = _default("steps", "component -> training steps")
+    batch: dict = _default("batch", "component -> batch size")
+    lr: dict = _default("lr", "component -> learning rate")
+    pool: dict = _default("pool", "modality -> rendered training items")
+    caption_dropout: float = _default("caption_dropout", "decoders: share of empty captions (classifier-free guidance)")
+    canonical_fraction: float = _default("canonical_fraction", "decoders: share of canonical captions")
+    corpus: int = _default("corpus", "random captions + requests per modality for the tokenizer")
+    foreground_weight: float = _default(
+        "foreground_weight", "loss weight of foreground pixels: objects cover a few percent of a frame")
+    clip_shape_groups: int = _default("clip_shape_groups", "CLIP batches: groups of images that differ only in shape")
+    split: str | dict = _default("split", 'the world split the components train on: "train", "all" or per component')
+    video_unet: str = _default("video_unet", "the video decoder's UNet (VIDEO_UNETS)")
+    text_tuning: dict = _default(
+        "text_tuning", 'decoder -> what it trains of its text encoder beside its UNet (TEXT_TUNING; "frozen" if unset)')
+    text_lr_scale: float = _default("text_lr_scale", "the tuned text encoder's rate, a fraction of its decoder's")
 
     def override(self, steps: Optional[dict] = None) -> "BuildSettings":
         _check_components(steps or {}, "in steps")

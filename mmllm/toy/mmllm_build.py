@@ -52,12 +52,14 @@ _default = configs.defaults("stages")
 
 
 @dataclass
-class DefaultSettings:
+class DefaultSettings(configs.Recipe):
     """Data sizes and training settings of the toy MMLLM's stages.
 
     The defaults are the ``default`` recipe's (``mmllm/toy/configs/default.json``);
     ``from_recipe(name)`` reads another (``quick``, ``fast``, ``smoke``).
     """
+
+    SECTION = "stages"
 
     items: int = _default("items", "caption pairs, generation pairs and QA items per modality")
     dialogues: int = _default("dialogues", "multi-turn LLaVA dialogues")
@@ -104,26 +106,6 @@ class DefaultSettings:
                               "or auto, bf16 where this machine computes it natively (TrainConfig.precision)")
     save_every: int = _default("save_every")  # checkpoints, for resuming an interrupted stage
     seed: int = _default("seed", "random seed")
-
-    @classmethod
-    def from_recipe(cls, name: str) -> "DefaultSettings":
-        """The stages of toy recipe ``name`` (``mmllm.toy.configs``)."""
-        return cls(**configs.read(name)["stages"])
-
-    @classmethod
-    def fast(cls) -> "DefaultSettings":
-        """A few steps of everything, for tests."""
-        return cls.from_recipe("fast")
-
-    @classmethod
-    def quick(cls) -> "DefaultSettings":
-        """The stages of ``build_default.py --quick``: under 30 minutes from nothing on 2 CPU cores."""
-        return cls.from_recipe("quick")
-
-    @classmethod
-    def smoke(cls) -> "DefaultSettings":
-        """A short run of both stages on the real LLM in which the losses fall."""
-        return cls.from_recipe("smoke")
 
     def stage_fingerprint(self, stage: str, components: dict, model_config: Optional[dict] = None,
                           whole_config: bool = False) -> str:

@@ -15,7 +15,7 @@ import functools
 import json
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 DIRECTORY = Path(__file__).parent
 SECTIONS = ("components", "stages")
@@ -55,4 +55,30 @@ def defaults(section: str) -> Callable[..., Any]:
     return default
 
 
-__all__ = ["DIRECTORY", "SECTIONS", "defaults", "names", "read"]
+class Recipe:
+    """For a settings dataclass filled from one section of a recipe (``SECTION``)."""
+
+    SECTION: ClassVar[str]
+
+    @classmethod
+    def from_recipe(cls, name: str):
+        """The settings of recipe ``name`` (``names()``)."""
+        return cls(**read(name)[cls.SECTION])
+
+    @classmethod
+    def fast(cls):
+        """A few steps of everything, for tests."""
+        return cls.from_recipe("fast")
+
+    @classmethod
+    def quick(cls):
+        """``build_default.py --quick``: under 30 minutes from nothing on 2 CPU cores, a weaker model."""
+        return cls.from_recipe("quick")
+
+    @classmethod
+    def smoke(cls):
+        """Enough steps of everything for each loss to fall, in about a minute on a CPU."""
+        return cls.from_recipe("smoke")
+
+
+__all__ = ["DIRECTORY", "SECTIONS", "Recipe", "defaults", "names", "read"]
