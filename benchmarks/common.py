@@ -159,11 +159,6 @@ def write_json(path: str | os.PathLike | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-            "fp16": torch.float16, "float16": torch.float16}[name]
-
-
 # --------------------------------------------------------------------------- builders
 
 
@@ -306,6 +301,8 @@ def add_common_args(parser, default_scale: str = "llava-1.5-7b") -> None:
 
 
 def setup(args) -> tuple[torch.device, torch.dtype]:
+    from mmllm.llm import resolve_dtype
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -1,4 +1,4 @@
-"""The Gradio page: ``build_demo(model) -> gr.Blocks``. The chat logic lives in ``demo.chat``."""
+"""The Gradio page: ``build_demo(model) -> gr.Blocks``. The chat logic lives in ``mmllm.chat``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from .chat import (SUFFIXES, Limits, Settings, decoder_settings, input_modalities, output_modalities, respond,
+from mmllm.chat import (SUFFIXES, Limits, Settings, decoder_settings, input_modalities, output_modalities, respond,
                    retry, to_messages, undo)
 from .examples import example_messages, write_example_media
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from mmllm.generation import GenerateResult
+from mmllm.modalities import NAMES
 from mmllm.toy import world
 from pipelines.media import AudioOutput, ImageOutput, VideoOutput
 
@@ -28,8 +29,8 @@ class EchoModel:
     """Echoes the prompt; a prompt naming "draw", "sound"/"play" or "move" also gets a red
     circle image, a beep or a clip of a circle moving left. ``calls`` records every request."""
 
-    input_modalities = ("image", "audio", "video")
-    output_modalities = ("image", "audio", "video")
+    input_modalities = NAMES
+    output_modalities = NAMES
 
     def __init__(self):
         self.config = SimpleNamespace(inputs={m: SimpleNamespace(placeholder=f"<{m}>")

@@ -40,7 +40,7 @@ def serve(args: argparse.Namespace) -> int:
         model = mmllm.load(name)
         print(f"Loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         from .app import build_demo
-        from .chat import Settings
+        from mmllm.chat import Settings
 
         sampling = Settings()
         if args.temperature is not None:

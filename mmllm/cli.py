@@ -2,7 +2,7 @@
 
     mmllm chat --model tiny                 terminal chat (/image PATH, /audio PATH, /video PATH, /reset, /quit)
     mmllm generate --image x.png --prompt "Describe this." [--json]
-    mmllm demo --model tiny --port 7860     the Gradio page (see ``python -m demo --help``)
+    mmllm demo --model tiny --port 7860     the Gradio page: runs ``python -m demo`` (see its --help)
     mmllm serve --model tiny --port 8000    an OpenAI-compatible HTTP API (docs/serving.md)
     mmllm presets                           list preset names
     mmllm eval TASK --model M ... --out r.json   score a model on a standard task (docs/evaluation.md)
@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-MEDIA_FLAGS = ("image", "audio", "video")
-CHAT_HELP = ("commands: /image PATH, /audio PATH, /video PATH (attach to the next message), "
+from .modalities import MODALITIES, NAMES
+
+MEDIA_FLAGS = NAMES
+CHAT_HELP = ("commands: " + ", ".join(f"/{m} PATH" for m in MEDIA_FLAGS) + " (attach to the next message), "
              "/reset (forget the conversation), /quit")
 
 
@@ -39,7 +42,7 @@ def _load(name: str | None):
 
 
 def _settings(args):
-    from demo.chat import Settings
+    from .chat import Settings
 
     return Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
@@ -48,8 +51,8 @@ def _settings(args):
 
 def _check_attachment(model, modality: str, path: str) -> str:
     """Decode ``path`` as ``modality`` now, so a bad file is reported when it is attached."""
-    from demo.chat import input_modalities
-    from mmllm.media import check_media
+    from .chat import input_modalities
+    from .media import check_media
 
     reads = input_modalities(model)
     if modality not in reads:
@@ -70,7 +73,7 @@ def _check_paths(args) -> None:
 
 
 def cmd_generate(args) -> int:
-    from demo.chat import Turn, run_turn
+    from .chat import Turn, run_turn
 
     _check_paths(args)
     if not args.prompt or not args.prompt.strip():
@@ -94,7 +97,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from demo.chat import Turn, model_history, run_turn
+    from .chat import Turn, model_history, run_turn
 
     model = _load(args.model)
     settings = _settings(args)
@@ -151,9 +154,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from demo.serve import serve
-
-    return serve(args)
+    """``python -m demo`` with the remaining arguments, in this interpreter; its exit status."""
+    return subprocess.call([sys.executable, "-m", "demo", *args.demo_args])
 
 
 def cmd_serve(args) -> int:
@@ -194,8 +196,6 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from demo.serve import add_arguments as add_demo_arguments
-
     parser = argparse.ArgumentParser(prog="mmllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -208,15 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="answer one prompt (with media) and exit")
     _add_model(gen)
     gen.add_argument("--prompt", required=True, help="the request, e.g. 'Describe this image.'")
-    gen.add_argument("--image", help="image file (PNG, JPEG, …)")
-    gen.add_argument("--audio", help="audio file (WAV, FLAC, …)")
-    gen.add_argument("--video", help="video file (MP4, GIF, .npy)")
+    for modality in MODALITIES.values():
+        gen.add_argument(modality.cli_flag, help=modality.cli_help)
     gen.add_argument("--json", action="store_true", help='print {"text": ..., "media": [paths]} only')
     _add_sampling(gen, temperature=0.0)
     gen.set_defaults(func=cmd_generate)
 
-    demo = sub.add_parser("demo", help="serve the web demo")
-    add_demo_arguments(demo)
+    # Its flags belong to the demo (``python -m demo --help``), which runs as its own process.
+    demo = sub.add_parser("demo", help="serve the web demo (flags: mmllm demo --help)", add_help=False)
     demo.set_defaults(func=cmd_demo)
 
     from mmllm.serve.settings import add_arguments as add_serve_arguments
@@ -241,7 +240,12 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # usage errors exit 2 with argparse's message
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)  # usage errors exit 2 with argparse's message
+    if args.command == "demo":
+        args.demo_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # MediaError and UsageError are ValueErrors

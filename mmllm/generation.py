@@ -12,11 +12,24 @@ from typing import Any, Iterator
 
 import torch
 
-MEDIA_KEYS = ("image", "audio", "video")
-# generate() keywords that go to the diffusion decoders rather than to the LLM.
-DECODER_SETTINGS = ("guidance_scale", "guidance_rescale", "num_inference_steps", "height", "width", "num_frames",
-                    "fps", "audio_length_in_s")
-RESULT_FIELD = {"image": "images", "audio": "audio", "video": "videos"}
+from .modalities import NAMES, result_fields
+
+MEDIA_KEYS = NAMES
+RESULT_FIELD = result_fields()
+
+
+def decoder_settings() -> tuple[str, ...]:
+    """The generate() keywords that go to the diffusion decoders rather than to the LLM: every
+    registered decoder's generation settings (``pipelines.generation_settings``)."""
+    from pipelines import generation_settings  # on use: pipelines itself imports mmllm
+
+    return generation_settings()
+
+
+def __getattr__(name: str):
+    if name == "DECODER_SETTINGS":  # read from the decoder registry on first use
+        return decoder_settings()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -97,7 +110,7 @@ class MediaOptions:
             unknown = sorted(allowed - set(model.output_modalities))
             if unknown:
                 raise ValueError(f"output_modalities {unknown} not available; this model outputs {list(model.output_modalities)}")
-        settings = {k: kwargs.pop(k) for k in DECODER_SETTINGS if k in kwargs}
+        settings = {k: kwargs.pop(k) for k in decoder_settings() if k in kwargs}
         return cls(allowed, kwargs.pop("max_media", None), kwargs.pop("media_seed", cls.seed), settings)
 
 

@@ -6,7 +6,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,16 @@ class MMLLMOutput:
     logits: torch.Tensor | None = None  # (B, T, V), or (n, V) at supervised positions when labels are given
     hidden_states: torch.Tensor | None = None  # (B, T, D) last layer
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _output_options(output_modalities, max_media, media_seed, guidance_scale, guidance_rescale,
+                    num_inference_steps, height, width, num_frames, fps, audio_length_in_s) -> dict[str, Any]:
+    """The output-side keywords of ``generate`` that were set (None means "not given")."""
+    given = dict(output_modalities=output_modalities, max_media=max_media, media_seed=media_seed,
+                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                 num_inference_steps=num_inference_steps, height=height, width=width, num_frames=num_frames, fps=fps,
+                 audio_length_in_s=audio_length_in_s)
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _component_seed(seed: int, name: str) -> int:
@@ -375,17 +385,71 @@ class MMLLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt: str | None = None, *, image=None, audio=None, video=None, history=None, **kwargs):
-        """Answer one prompt with optional media; see ``mmllm.generation.generate``."""
+    def generate(self, prompt: str | None = None, *, image: Any = None, audio: Any = None, video: Any = None,
+                 history: list[dict] | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, stream: bool = False, seed: int | None = None,
+                 output_modalities: str | Sequence[str] | None = None, max_media: int | None = None,
+                 media_seed: int | None = None, guidance_scale: float | None = None,
+                 guidance_rescale: float | None = None, num_inference_steps: int | None = None,
+                 height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                 fps: int | None = None, audio_length_in_s: float | None = None, **generate_kwargs: Any):
+        """Answer one prompt with optional media (``mmllm.generation.generate``).
+
+        Args:
+            prompt: the request; media passed without a placeholder in it get one at its start.
+            image, audio, video: one item or a list each: paths, PIL images, arrays or tensors.
+            history: earlier ``{"role", "content"}`` messages, which may carry their own media.
+            max_new_tokens: the longest answer, in tokens.
+            temperature: 0 decodes greedily; above 0 samples, with nucleus mass ``top_p``.
+            top_p: nucleus sampling mass when sampling.
+            stream: return a ``TextStream`` that yields text pieces and holds the result at the end.
+            seed: seeds torch's generator before decoding (None: unseeded).
+            output_modalities: the media the answer may produce (default: every output).
+            max_media: at most this many media per answer.
+            media_seed: one fixed noise seed for every rendered output (None: a fresh draw each).
+            guidance_scale, guidance_rescale, num_inference_steps, height, width, num_frames, fps,
+                audio_length_in_s: decoder settings, each passed to the decoders that take it
+                (None: the decoder's configured value).
+            generate_kwargs: further options of transformers' ``generate`` (e.g. ``logits_processor``).
+
+        Returns:
+            a ``GenerateResult`` (text, token ids, rendered media), or a ``TextStream`` with ``stream=True``.
+        """
         from .generation import generate
 
-        return generate(self, prompt, image=image, audio=audio, video=video, history=history, **kwargs)
+        return generate(self, prompt, image=image, audio=audio, video=video, history=history,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=stream, seed=seed,
+                        **_output_options(output_modalities, max_media, media_seed, guidance_scale, guidance_rescale,
+                                          num_inference_steps, height, width, num_frames, fps, audio_length_in_s),
+                        **generate_kwargs)
 
-    def generate_batch(self, requests: list[dict], **kwargs):
-        """Several independent requests (dicts of ``generate``'s arguments) in one padded batch."""
+    def generate_batch(self, requests: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int | None = None,
+                       output_modalities: str | Sequence[str] | None = None, max_media: int | None = None,
+                       media_seed: int | None = None, guidance_scale: float | None = None,
+                       guidance_rescale: float | None = None, num_inference_steps: int | None = None,
+                       height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                       fps: int | None = None, audio_length_in_s: float | None = None, **generate_kwargs: Any):
+        """Several independent requests decoded together in one left-padded batch
+        (``mmllm.generation.generate_batch``).
+
+        Args:
+            requests: dicts with ``prompt`` and optional ``image``, ``audio``, ``video`` and ``history``.
+            max_new_tokens, temperature, top_p, seed, output_modalities, max_media, media_seed and
+                the decoder settings: as in ``generate``, for every request.
+            generate_kwargs: further options of transformers' ``generate``.
+
+        Returns:
+            one ``GenerateResult`` per request, in order.
+        """
         from .generation import generate_batch
 
-        return generate_batch(self, requests, **kwargs)
+        return generate_batch(self, requests, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed,
+                              **_output_options(output_modalities, max_media, media_seed, guidance_scale,
+                                                guidance_rescale, num_inference_steps, height, width, num_frames, fps,
+                                                audio_length_in_s),
+                              **generate_kwargs)
 
     # ------------------------------------------------------------------ saving
 
@@ -434,12 +498,6 @@ class MMLLM(nn.Module):
                     f"{field_name} = {value!r} is a local path outside {str(path)!r}, so a hub copy would not have "
                     f"it; point it at a hub id (mmllm.load(..., **{{{field_name!r}: 'org/name'}})) or copy the "
                     "component into the model directory before pushing")
-
-    def save_llava(self, path: str | os.PathLike, **kwargs) -> Path:
-        """Export the image -> text path as a transformers Llava directory; see ``mmllm.interop.llava.save_llava``."""
-        from .interop.llava import save_llava
-
-        return save_llava(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, *, trust_remote_code: bool = False,

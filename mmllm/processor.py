@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .media import load_audio, load_image, load_video
+from .modalities import MODALITIES, NAMES
 
-MODALITY_LOADERS = ("image", "audio", "video")
+MODALITY_LOADERS = NAMES
 
 
 @dataclass
@@ -47,12 +47,8 @@ class Batch:
 
 def decode_media(modality: str, item: Any, spec: ModalitySpec):
     """Files / PIL / arrays / tensors -> the decoded form the encoder's ``preprocess`` takes."""
-    if modality == "image":
-        return load_image(item)
-    if modality == "audio":
-        return load_audio(item, spec.encoder.sample_rate)
-    if modality == "video":
-        return load_video(item)
+    if modality in MODALITIES:
+        return MODALITIES[modality].load(item, getattr(spec.encoder, "sample_rate", None))
     raise ValueError(f"unknown modality {modality!r}; this model takes {MODALITY_LOADERS}")
 
 

@@ -46,5 +46,9 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def __iter__(self):
+        """Names in registration order."""
+        return iter(list(self._entries))
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries

@@ -108,13 +108,3 @@ class ForceSignalTokens:
                     scores[row, start] = low
         return scores
 
-
-def find_signal_groups(ids: list[int], groups: dict[str, list[int]]) -> list[tuple[str, int]]:
-    """Complete signal sequences in ``ids``: [(modality, start position)], in order."""
-    found = []
-    for modality, sig in groups.items():
-        k = len(sig)
-        for pos in range(len(ids) - k + 1):
-            if ids[pos] == sig[0] and ids[pos:pos + k] == sig:
-                found.append((modality, pos))
-    return sorted(found, key=lambda x: x[1])

@@ -20,9 +20,18 @@ DECODERS.register("animatediff", "pipelines.decoders:AnimateDiffDecoder")
 DECODERS.register("spectrogram_sd", "pipelines.spectrogram:SpectrogramDecoder")
 
 
+def generation_settings() -> tuple[str, ...]:
+    """Every registered decoder's generation settings (the keys of its ``defaults``), in
+    registration order: the ``generate`` keywords that go to the decoders, not the LLM."""
+    names = {}
+    for backend in DECODERS:
+        names.update(dict.fromkeys(DECODERS.get(backend).defaults))
+    return tuple(names)
+
+
 def build_decoder(config: DecoderConfig, pipeline=None):
     """The registered decoder for ``config.backend``; loads lazily unless ``pipeline`` is given."""
     return DECODERS.get(config.backend)(config, pipeline=pipeline)
 
 
-__all__ = ["DECODERS", "build_decoder", "ImageOutput", "AudioOutput", "VideoOutput"]
+__all__ = ["DECODERS", "build_decoder", "generation_settings", "ImageOutput", "AudioOutput", "VideoOutput"]

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from mmllm.config import DecoderConfig
+from mmllm.llm import resolve_dtype
 
 from .media import AudioOutput, ImageOutput, VideoOutput
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _dtype_keyword() -> str:
@@ -154,12 +154,10 @@ class Decoder:
             )
         import diffusers
 
-        dtype_name = self.options.get("dtype", "float32")
-        if dtype_name not in DTYPES:
-            raise ValueError(f"decoder option dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+        dtype = resolve_dtype(self.options.get("dtype", "float32"))  # an unknown name raises, listing the valid ones
         cls = getattr(diffusers, self.pipeline_class)
         # Weights only from safetensors: a pickle (.bin) can run code.
-        return cls.from_pretrained(cfg.source, use_safetensors=True, **{_dtype_keyword(): DTYPES[dtype_name]})
+        return cls.from_pretrained(cfg.source, use_safetensors=True, **{_dtype_keyword(): dtype})
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         self.pipeline.save_pretrained(str(directory))

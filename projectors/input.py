@@ -60,51 +60,25 @@ class FlattenMLPProjector(InputProjector):
     encoder tokens through its own ``mlp2x_gelu``. ``per_token=True`` also appends every
     encoder token through a shared ``mlp2x_gelu`` (LLaVA-1.5's projector), so an attribute
     that every patch shows on its own (colour) reaches the LLM token by token as well as
-    mixed into the flattened map. ``flat_dropout=p`` zeroes each training sample's flattened
-    tokens with probability ``p`` (never at inference), so the LLM must also learn to read
-    what the other tokens carry without them, and leans less on combinations the flattened
-    map learned; it needs ``summary_token`` or ``per_token``. ``side_linear=True`` makes the
-    summary and per-token maps one linear layer each instead of ``mlp2x_gelu``. On the toy
-    world neither option read held-out pairs better (docs/research/README.md).
-
-    ``flat_input="similarity"`` feeds the flattened map the encoder tokens' cosine
-    self-similarity matrix (tokens centred on their mean, ``N x N`` values) instead of the
-    tokens: which patches look alike, so the arrangement (shape, count, position) with little
-    of what every patch shows (colour, pitch), which then reaches the LLM through the summary
-    and per-token maps alone. On the toy world it composes whichever attribute it carries and
-    not the other (docs/research/README.md).
+    mixed into the flattened map.
     """
 
-    FLAT_INPUTS = ("tokens", "similarity")
-
     def __init__(self, in_dim: int, out_dim: int, num_in_tokens: int, num_tokens: int = 4,
-                 hidden: int | None = None, summary_token: bool = False, per_token: bool = False,
-                 flat_dropout: float = 0.0, side_linear: bool = False, flat_input: str = "tokens"):
+                 hidden: int | None = None, summary_token: bool = False, per_token: bool = False):
         super().__init__()
         if num_tokens < 1:
             raise ValueError(f"flatten_mlp needs num_tokens >= 1, got {num_tokens}")
-        if flat_input not in self.FLAT_INPUTS:
-            raise ValueError(f"flatten_mlp flat_input must be one of {list(self.FLAT_INPUTS)}, got {flat_input!r}")
-        self.flat_input = flat_input
-        if not 0.0 <= flat_dropout < 1.0:
-            raise ValueError(f"flatten_mlp flat_dropout must be in [0, 1), got {flat_dropout}")
-        if flat_dropout and not (summary_token or per_token):
-            raise ValueError("flatten_mlp flat_dropout would leave some samples with no tokens at all; "
-                             "set summary_token=True or per_token=True with it")
-        self.flat_dropout = float(flat_dropout)
         self.num_in_tokens = num_in_tokens
         self.num_tokens = num_tokens
         hidden = out_dim if hidden is None else hidden
-        reads_tokens = flat_input == "tokens"
-        self.norm = nn.LayerNorm(in_dim) if reads_tokens else None  # the similarity is scale-free
-        flat_dim = num_in_tokens * (in_dim if reads_tokens else num_in_tokens)
+        self.norm = nn.LayerNorm(in_dim)
+        flat_dim = num_in_tokens * in_dim
         if hidden:
             self.mlp = nn.Sequential(nn.Linear(flat_dim, hidden), nn.GELU(), nn.Linear(hidden, num_tokens * out_dim))
         else:  # hidden=0: one linear map
             self.mlp = nn.Linear(flat_dim, num_tokens * out_dim)
-        side = LinearProjector if side_linear else MLPProjector
-        self.summary = side(in_dim, out_dim, 1) if summary_token else None
-        self.per_token = side(in_dim, out_dim, num_in_tokens) if per_token else None
+        self.summary = MLPProjector(in_dim, out_dim, 1) if summary_token else None
+        self.per_token = MLPProjector(in_dim, out_dim, num_in_tokens) if per_token else None
 
     def num_output_tokens(self, num_in_tokens: int) -> int:
         return (self.summary is not None) + self.num_tokens + (num_in_tokens if self.per_token is not None else 0)
@@ -114,16 +88,8 @@ class FlattenMLPProjector(InputProjector):
             raise ValueError(f"flatten_mlp was built for {self.num_in_tokens} encoder tokens but got {x.shape[1]}; "
                              "it needs a fixed token count (fixed image size, audio length and frame count), or "
                              "use a per-token projector (mlp2x_gelu) or the resampler")
-        if self.flat_input == "tokens":
-            flat = self.norm(x).flatten(1)  # (B, N * D_enc)
-        else:
-            z = nn.functional.normalize(x - x.mean(1, keepdim=True), dim=-1)
-            flat = (z @ z.transpose(1, 2)).flatten(1)  # (B, N * N)
-        flat_tokens = self.mlp(flat).view(x.shape[0], self.num_tokens, -1)
-        if self.training and self.flat_dropout:
-            keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.flat_dropout
-            flat_tokens = flat_tokens * keep.to(flat_tokens.dtype)
-        parts = [flat_tokens]
+        flat = self.norm(x).flatten(1)  # (B, N * D_enc)
+        parts = [self.mlp(flat).view(x.shape[0], self.num_tokens, -1)]  # (B, num_tokens, D_llm)
         if self.summary is not None:
             parts.insert(0, self.summary(x.mean(1, keepdim=True)))
         if self.per_token is not None:

@@ -17,18 +17,21 @@ See mmllm.toy.mmllm_build and docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import time
 from pathlib import Path
 
+from mmllm.cliargs import add_dataclass_args, dataclass_overrides
 from mmllm.config import parse_setting
 from mmllm.toy.components import BuildSettings, default_root
 from mmllm.toy.mmllm_build import DefaultSettings, build_default
 from mmllm.training.config import MIXES
 
-TUNABLE = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage2_steps", "stage2_batch",
-           "stage2_lr", "stage2_projector_lr", "stage2_group_by_length", "align_steps", "align_lr",
-           "align_weight_decay", "align_examples", "seed")
+# DefaultSettings fields with a flag of their own (--stage1-steps for stage1_steps).
+FLAG_FIELDS = ("items", "dialogues", "stage1_steps", "stage1_batch", "stage1_lr", "stage1_mix", "stage1_passes",
+               "stage2_steps", "stage2_batch", "stage2_lr", "stage2_projector_lr", "stage2_group_by_length",
+               "stage2_mix", "align_steps", "align_lr", "align_weight_decay", "align_weights", "align_examples",
+               "align_projectors", "precision", "seed")
 
 
 def _setting(text: str) -> tuple:
@@ -54,26 +57,8 @@ def main(argv=None) -> None:
     parser.add_argument("--component-split", choices=("train", "all"), default=None,
                         help="world split every frozen component trains on (default: train, the audio decoder "
                              "all; the stages always train on the train split), see docs/TOY.md")
-    parser.add_argument("--stage2-mix", choices=MIXES, default=None,
-                        help="how stage 2's files share batches (default alternate; TrainConfig.mix)")
-    parser.add_argument("--stage1-mix", choices=MIXES, default=None,
-                        help="how stage 1's files share batches (default alternate; TrainConfig.mix)")
-    parser.add_argument("--stage1-passes", type=json.loads, default=None, metavar="JSON",
-                        help='passes per epoch over stage 1\'s files, e.g. \'{"image": 2, "generation": 0.1}\' '
-                             "(keys image, audio, video, generation; default one each; TrainConfig.file_passes)")
-    parser.add_argument("--align-weights", type=json.loads, default=None, metavar="JSON",
-                        help='each output modality\'s share of the align steps, e.g. \'{"image": 2}\' '
-                             "(DefaultSettings.align_weights; default equal)")
-    parser.add_argument("--align-projectors", type=json.loads, default=None, metavar="JSON",
-                        help='output projectors the align step fits in place of the stages\' ones, e.g. '
-                             '\'{"audio": {"type": "linear"}}\' (DefaultSettings.align_projectors, the default; '
-                             "'{}' keeps the preset's)")
     parser.add_argument("--no-align-standardize", action="store_true",
                         help="fit the align step on unscaled states (DefaultSettings.align_standardize)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
-                        help="precision of both stages and of the align step's LLM pass (default fp32, --quick "
-                             "auto): bf16 mixed precision, or auto, bf16 where this machine computes it natively "
-                             "(DefaultSettings.precision)")
     parser.add_argument("--set", dest="overrides", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                         help="model-config override, dotted, value as JSON (repeatable), e.g. "
                              "'inputs.video.projector.options={\"num_tokens\":4,\"per_token\":true}'; "
@@ -82,12 +67,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads; 1 is up to 10x faster on a CPU shared with other jobs "
                              "(OpenMP threads wait for each other), see docs/RESULTS.md")
-    defaults = DefaultSettings()
-    for name in TUNABLE:
-        tp = float if isinstance(getattr(defaults, name), float) else int
-        parser.add_argument(f"--{name.replace('_', '-')}", type=tp, default=None,
-                            help=f"default {getattr(defaults, name)}"
-                                 + ("; 0: one epoch" if name in ("stage1_steps", "stage2_steps") else ""))
+    add_dataclass_args(parser.add_argument_group("recipe settings (DefaultSettings; default: the chosen recipe's)"),
+                       DefaultSettings, FLAG_FIELDS, defaults=DefaultSettings(),
+                       choices={"stage1_mix": MIXES, "stage2_mix": MIXES, "precision": ("fp32", "bf16", "auto")})
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -97,26 +79,11 @@ def main(argv=None) -> None:
     if len(profile) > 1:
         parser.error(f"--{' and --'.join(profile)} are alternatives; pick one")
     profile = profile[0] if profile else None
-    settings = getattr(DefaultSettings, profile)() if profile else DefaultSettings()
-    for name in TUNABLE:
-        value = getattr(args, name)
-        if value is not None:
-            setattr(settings, name, value)
-    if args.stage2_mix:
-        settings.stage2_mix = args.stage2_mix
-    if args.stage1_mix:
-        settings.stage1_mix = args.stage1_mix
-    if args.stage1_passes is not None:
-        settings.stage1_passes = args.stage1_passes
-    if args.precision:
-        settings.precision = args.precision
-    if args.align_weights is not None:
-        settings.align_weights = args.align_weights
-    if args.align_projectors is not None:
-        settings.align_projectors = args.align_projectors
+    settings = DefaultSettings.from_recipe(profile or "default")
+    settings = dataclasses.replace(settings, **dataclass_overrides(args, DefaultSettings, FLAG_FIELDS))
     if args.no_align_standardize:
         settings.align_standardize = False
-    components = getattr(BuildSettings, profile)() if profile else BuildSettings()
+    components = BuildSettings.from_recipe(profile or "default")
     if args.component_split:
         components.split = args.component_split
     start = time.time()

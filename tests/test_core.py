@@ -129,57 +129,6 @@ def test_flatten_mlp_per_token_appends_every_encoder_token_through_one_shared_ma
         assert torch.isfinite(model.forward_batch(batch).logits).all()  # the placeholder expands to all of them
 
 
-def test_flatten_mlp_flat_dropout_zeroes_whole_samples_in_training_only_and_side_maps_can_be_linear():
-    from projectors import build_input_projector
-
-    torch.manual_seed(0)
-    n, d = 5, 8
-    proj = build_input_projector("flatten_mlp", d, 12, n, num_tokens=2, hidden=0, per_token=True, flat_dropout=0.5)
-    x = torch.randn(64, n, d)
-    with torch.no_grad():
-        proj.train()
-        out = proj(x)
-        flat_zero = (out[:, :2] == 0).flatten(1).all(-1)
-        assert 10 < int(flat_zero.sum()) < 54  # about half the samples lose both flattened tokens...
-        assert not (out[:, :2] == 0).flatten(1).any(-1)[~flat_zero].any()  # ...and the rest keep them whole
-        torch.testing.assert_close(out[:, 2:], proj.per_token(x))  # the per-token tokens are never dropped
-        proj.eval()
-        assert not (proj(x)[:, :2] == 0).flatten(1).all(-1).any()  # inference sees every token
-    with pytest.raises(ValueError, match="summary_token=True or per_token=True"):
-        build_input_projector("flatten_mlp", d, 12, n, flat_dropout=0.5)
-    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
-        build_input_projector("flatten_mlp", d, 12, n, per_token=True, flat_dropout=1.0)
-    side = build_input_projector("flatten_mlp", d, 12, n, summary_token=True, per_token=True, side_linear=True)
-    assert isinstance(side.summary.proj, torch.nn.Linear) and isinstance(side.per_token.proj, torch.nn.Linear)
-    torch.testing.assert_close(side(x)[:, -n:], side.per_token.proj(x))  # one linear map per encoder token
-
-
-def test_flatten_mlp_similarity_input_reads_the_arrangement_not_a_shared_offset():
-    """With ``flat_input="similarity"`` the flattened tokens see which encoder tokens look
-    alike: adding one vector to every token (what every patch shows) or scaling them all leaves
-    them unchanged, moving a token's content changes them, and the side tokens still see it all."""
-    from projectors import build_input_projector
-
-    torch.manual_seed(0)
-    n, d = 5, 8
-    proj = build_input_projector("flatten_mlp", d, 12, n, num_tokens=2, hidden=0, per_token=True,
-                                 flat_input="similarity").eval()
-    assert proj.mlp.in_features == n * n and proj.num_output_tokens(n) == 2 + n
-    assert proj.norm is None  # no parameters that nothing reads
-    x = torch.randn(3, n, d)
-    offset = x + torch.randn(1, 1, d) * 3  # the same vector added at every position
-    moved = x.clone()
-    moved[:, [0, 1]] = moved[:, [1, 0]]  # two tokens swap places
-    with torch.no_grad():
-        out = proj(x)
-        torch.testing.assert_close(proj(offset)[:, :2], out[:, :2])
-        torch.testing.assert_close(proj(x * 2.5)[:, :2], out[:, :2])  # nor does the tokens' scale
-        assert not torch.allclose(proj(moved)[:, :2], out[:, :2], atol=1e-4)
-        assert not torch.allclose(proj(offset)[:, 2:], out[:, 2:])  # the per-token tokens do see the offset
-    with pytest.raises(ValueError, match=r"flat_input must be one of \['tokens', 'similarity'\]"):
-        build_input_projector("flatten_mlp", d, 12, n, flat_input="gram")
-
-
 def test_gated_prefix_is_identity_at_init():
     over = {"inputs": {"image": {"projector": {"type": "gated_prefix", "options": {"prompt_len": 3, "num_layers": 2}}}},
             "outputs": {}}

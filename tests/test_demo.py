@@ -15,7 +15,7 @@ from PIL import Image
 
 import mmllm
 from demo.app import build_demo
-from demo.chat import Limits, Settings, Turn, model_history, respond, retry, undo
+from mmllm.chat import Limits, Settings, Turn, model_history, respond, retry, undo
 from demo.examples import write_example_media
 from demo.fake import EchoModel
 
@@ -161,7 +161,7 @@ def test_decoder_settings_default_to_each_decoders_own():
     from types import SimpleNamespace
 
     from demo.app import _settings_reader
-    from demo.chat import FALLBACK_DECODER_SETTINGS, decoder_settings
+    from mmllm.chat import FALLBACK_DECODER_SETTINGS, decoder_settings
 
     # Unset decoder settings are not passed: every decoder keeps its configured value.
     assert "guidance_scale" not in Settings().generate_kwargs(("image", "video"))

@@ -225,7 +225,7 @@ def tiny_mmllm(features="patch", projector="mlp2x_gelu", lora=None) -> MMLLM:
 @pytest.mark.parametrize("features,strategy", [("patch", "default"), ("all", "full")])
 def test_save_llava_opens_in_transformers(tmp_path, features, strategy):
     mm = tiny_mmllm(features)
-    mm.save_llava(tmp_path / "llava")
+    save_llava(mm, tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
     assert llava.config.vision_feature_select_strategy == strategy
     # <image> (id 49152) lies past the LLM's 49152 rows: Llava gets one zero row, suppressed in generation.

@@ -16,7 +16,7 @@ import pytest
 
 import mmllm
 from demo.app import build_demo
-from demo.chat import Limits, Settings, respond
+from mmllm.chat import Limits, Settings, respond
 from demo.fake import EchoModel
 
 USERS = 20

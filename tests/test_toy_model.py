@@ -220,23 +220,15 @@ def test_new_generation_settings_keep_the_stages_and_reach_the_model(built, tmp_
     assert model.config.outputs["image"].decoder.options["guidance_scale"] == 6.0  # the preset's, untouched
 
 
-def test_later_settings_change_the_fingerprint_only_when_on():
-    """Settings added after the shipped default was built (LATER_SETTINGS) are left out of
-    the fingerprints while off, so that build stays valid; turned on, they retrain stage 2."""
-    from mmllm.toy.mmllm_build import LATER_SETTINGS
-
+def test_stage_settings_change_the_fingerprints_of_the_stages_that_read_them():
+    """Each stage's fingerprint covers every setting it reads, so a changed setting retrains
+    that stage and the ones after it, and no earlier one."""
     comps = {"clip": {"build_id": "x"}}
     base = DefaultSettings()
-    # align_projectors is on by default (2026-12-07, a linear audio projector); at {} a build
-    # from before it keeps its align step.
-    assert [k for k in LATER_SETTINGS if not base.is_off(k)] == ["align_projectors"]
-    assert DefaultSettings(align_projectors={}).is_off("align_projectors")
     # Pinned: a change here invalidates every cached default (70 minutes of stage 2 on a CPU).
-    # If a recipe change means it, update the values. The align value changed on 2026-12-06
-    # (align_standardize) and 2026-12-07 (align_projectors) on purpose: a cached default reruns
-    # its align step alone (about 15 minutes).
+    # If a recipe change means it, update the values.
     assert [base.stage_fingerprint(s, comps) for s in ("stage1", "stage2", "align")] == \
-        ["0667fe8014b9a51b", "7a88fe161d31c80b", "899c1b4d0c724417"]
+        ["e2f7fb72bafff717", "f8376d07f353bb91", "68cb93459cc9ea04"]
     for changed in (DefaultSettings(brief_requests={"image": 0.5}), DefaultSettings(stage2_group_by_length=8),
                     DefaultSettings(stage2_mix="spread")):
         assert changed.stage_fingerprint("stage1", comps) == base.stage_fingerprint("stage1", comps)
@@ -250,6 +242,51 @@ def test_later_settings_change_the_fingerprint_only_when_on():
         # the align step alone reruns
         assert [changed.stage_fingerprint(s, comps) == base.stage_fingerprint(s, comps)
                 for s in ("stage1", "stage2", "align")] == [True, True, False]
+
+
+def test_recipes_are_data_files_that_fill_the_settings():
+    """Each recipe is one JSON file holding every setting; the classes' defaults are ``default``'s."""
+    import dataclasses
+
+    from mmllm.toy import configs
+    from mmllm.toy.components import BuildSettings
+    from mmllm.toy.recipes import load_recipe, recipe_names
+
+    assert recipe_names() == ["default", "fast", "quick", "smoke"]
+    for name in recipe_names():
+        data = configs.read(name)
+        components, stages = load_recipe(name)
+        assert dataclasses.asdict(components) == data["components"] and dataclasses.asdict(stages) == data["stages"]
+    assert load_recipe("default") == (BuildSettings(), DefaultSettings())
+    assert load_recipe("quick") == (BuildSettings.quick(), DefaultSettings.quick())
+    first, second = DefaultSettings(), DefaultSettings()
+    first.lora["r"] = 2  # every instance gets its own copy
+    assert second.lora["r"] == 16
+    with pytest.raises(KeyError, match="valid names"):
+        load_recipe("nope")
+
+
+def test_recipe_fingerprint_is_stable_and_follows_the_recipe(built, tmp_path, monkeypatch):
+    """The same recipe gives the same fingerprint wherever its root lies; another recipe, or
+    a changed value, gives another."""
+    import shutil
+
+    from mmllm.toy import configs
+    from mmllm.toy.recipes import recipe_fingerprint
+
+    root, _ = built
+    first = recipe_fingerprint("default", root)
+    assert len(first) == 16 and int(first, 16) >= 0
+    assert recipe_fingerprint("default", root) == first
+    shutil.copytree(root / "clip", tmp_path / "else" / "where" / "clip")  # the one file the config reads
+    (tmp_path / "else" / "where" / "video_decoder").mkdir()
+    shutil.copy(root / "video_decoder" / "model_index.json", tmp_path / "else" / "where" / "video_decoder")
+    assert recipe_fingerprint("default", tmp_path / "else" / "where") == first
+    assert recipe_fingerprint("quick", root) != first
+    changed = configs.read("default")
+    changed["stages"]["stage2_steps"] += 1
+    monkeypatch.setattr(configs, "read", lambda name: changed)
+    assert recipe_fingerprint("default", root) != first
 
 
 def test_stage1_passes_name_the_build_files():

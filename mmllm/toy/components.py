@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fileio import atomic_directory
-from . import world
+from . import configs, oracle, world
 
 IMAGE_SIZE = 32
 VIDEO_FRAMES = 4  # few frames keep the 3-D UNet affordable on a CPU; motion is still readable
@@ -95,114 +95,34 @@ def _check_components(names, where: str) -> None:
         raise KeyError(f"unknown toy component(s) {unknown} {where}; valid: {list(COMPONENTS)}")
 
 
+_default = configs.defaults("components")
+
+
 @dataclass
-class BuildSettings:
+class BuildSettings(configs.Recipe):
     """Step counts, batch sizes and pool sizes of every component's training run.
 
-    With the defaults a build from nothing takes about 32 minutes on 2 CPU cores, the
-    decoders 26 of them (2026-12-07, docs/RESULTS.md "The default rebuilt from nothing");
-    ``BuildSettings.fast()`` is a few steps each, for tests.
+    The defaults are the ``default`` recipe's (``mmllm/toy/configs/default.json``);
+    ``from_recipe(name)`` reads another (``quick``, ``fast``, ``smoke``).
     """
 
-    steps: dict = field(default_factory=lambda: {
-        "clip": 3000, "audio_encoder": 600, "vae": 3000,
-        "image_decoder": 3000, "audio_decoder": 1800, "video_decoder": 1000,
-    })
-    batch: dict = field(default_factory=lambda: {
-        "clip": 64, "audio_encoder": 64, "vae": 8,
-        "image_decoder": 32, "audio_decoder": 32, "video_decoder": 8,
-    })
-    lr: dict = field(default_factory=lambda: {
-        "clip": 1e-3, "audio_encoder": 1e-3, "vae": 4e-3,
-        "image_decoder": 1e-3, "audio_decoder": 1e-3, "video_decoder": 1e-3,
-    })
-    pool: dict = field(default_factory=lambda: {"image": 4000, "audio": 1500, "video": 800})
-    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
-    canonical_fraction: float = 0.6  # decoders: share of canonical captions (the stage-1 targets)
-    corpus: int = 3000  # random captions + requests per modality for the tokenizer
-    # Loss weight of foreground pixels (shapes, tones) relative to the background: objects
-    # cover a few percent of a frame, so an unweighted MSE learns layout but not colour or shape.
-    foreground_weight: float = 10.0
-    # CLIP batches: this many groups of images that differ only in shape (one per shape whose
-    # colour pair is not held out), the rest random. Random batches almost never hold two
-    # images that only shape tells apart, so without them CLIP barely learns shape (class-token
-    # probe 0.67 held-in, 0.89 with them; docs/RESULTS.md "Shape hard negatives").
-    clip_shape_groups: int = 16
-    # Which world split the components train on. "train" (the default) keeps the held-out
-    # attribute pairs from the frozen components as well as from the MMLLM's stages; "all"
-    # trains them on every pair, as a web-pretrained CLIP or Stable Diffusion has seen "a
-    # yellow circle" although the MMLLM's own training data never shows one. The stages'
-    # data are the train split either way (docs/TOY.md, "Which split the components see").
-    # Measured with "all" (eighth build): better encoder features, the same memorised pairs
-    # in the LLM's answers, so the encoders stay on "train". A dict sets it per component
-    # ({"image_decoder": "all"}; the others "train"): ``split_of``. The audio decoder sees
-    # every pair (2026-12-07): on the train split it drew held-out pitch 0.44 from the true
-    # caption (1800 steps; 600 steps: 0.62), on every pair 1.00, like a web-pretrained
-    # AudioLDM that has heard "three low beeps". The MMLLM's stages and align step still
-    # never see a held-out pair (docs/RESULTS.md, "A linear audio projector").
-    split: str | dict = field(default_factory=lambda: {"audio_decoder": "all"})
-    # The video decoder's UNet (``VIDEO_UNETS``). "motion" trains 22 % faster per step; on the
-    # old noise schedule it drew direction no better than the UNet3D (both at chance), and
-    # on the zero-SNR one it is untested (docs/TOY.md, "Zero terminal SNR").
-    video_unet: str = "unet3d"
-    # What a decoder trains of its text encoder beside its UNet (``TEXT_TUNING``), per decoder;
-    # "frozen" where unset: "embeddings" (the token embedding table, as textual inversion
-    # learns words a frozen tower never read) or "all". The toy CLIP has read only image
-    # captions, so "up" and "down" keep their random initial embeddings, and on the frozen
-    # tower the video decoder drew every downward motion upward (direction from true captions
-    # 0.79 / 0.71; "embeddings" 0.83 / 0.69; "all" 1.00 / 0.98: docs/RESULTS.md, "A video
-    # decoder that tunes its text encoder"). A real text-to-video model's CLIP has read
-    # "moving down". The tuned copy is saved with the decoder and is its conditioning space,
-    # so the MMLLM's stages and align step follow it (``training_inputs``).
-    text_tuning: dict = field(default_factory=lambda: {"video_decoder": "all"})
-    # The tuned text encoder's learning rate as a fraction of its decoder's (``lr``): a tower
-    # that moves as fast as a fresh UNet can drift from what the UNet has learned to read.
-    text_lr_scale: float = 1.0
+    SECTION = "components"
 
-    @classmethod
-    def fast(cls) -> "BuildSettings":
-        return cls(
-            steps={k: 2 for k in COMPONENTS},
-            batch={k: 4 for k in COMPONENTS},
-            pool={"image": 16, "audio": 8, "video": 4},
-            corpus=100,
-            clip_shape_groups=1,
-        )
-
-    @classmethod
-    def quick(cls) -> "BuildSettings":
-        """Two fifths to a sixth of the default steps: the components of ``build_default.py
-        --quick``, which builds from nothing in under 30 minutes on 2 CPU cores. The VAE keeps
-        two thirds of its steps: its images keep shape 0.82 / 0.89 for the oracle (3000 steps:
-        0.99 / 0.99, docs/TOY.md "A VAE that keeps shape"). The image decoder gets a third.
-        Fed the true caption on this VAE, it draws colour 0.91 / 0.81 and position 1.00 / 0.91
-        at 1000 steps (207 s), against 0.88 / 0.94 and 1.00 / 1.00 at 1500 (329 s), n = 32
-        (docs/RESULTS.md, "The quick build back under 30 minutes"). The video decoder starts
-        from the image decoder's UNet.
-
-        The CLIP keeps 1200 of its 3000 steps. The full 3000 hold shape better in its class
-        token (probe 0.88 / 0.58 against 0.75 / 0.30) and helped a 125-step image stage 1, but two
-        quick builds on it named 11 and 7 newcomer pairs, within the quick builds' own swing, for
-        96 s more (docs/RESULTS.md, "A full CLIP for the quick build").
-
-        The video decoder keeps CLIP's text tower frozen: tuned with it for 200 steps it drew
-        direction from true captions 0.19 / 0.17 (frozen: 0.71 / 0.71), so the quick build
-        draws downward motion upward as the default did before (docs/RESULTS.md, "A video
-        decoder that tunes its text encoder")."""
-        return cls(steps={"clip": 1200, "audio_encoder": 300, "vae": 2000,
-                          "image_decoder": 1000, "audio_decoder": 300, "video_decoder": 200}, text_tuning={})
-
-    @classmethod
-    def smoke(cls) -> "BuildSettings":
-        """Enough steps for every component's loss to fall, in well under a minute on a CPU
-        (the default test run's check of the whole chain); the results are not useful models."""
-        return cls(
-            steps={k: 30 for k in COMPONENTS},
-            batch={k: 8 for k in COMPONENTS},
-            pool={"image": 64, "audio": 32, "video": 16},
-            corpus=200,
-            clip_shape_groups=1,
-        )
+    steps: dict = _default("steps", "component -> training steps")
+    batch: dict = _default("batch", "component -> batch size")
+    lr: dict = _default("lr", "component -> learning rate")
+    pool: dict = _default("pool", "modality -> rendered training items")
+    caption_dropout: float = _default("caption_dropout", "decoders: share of empty captions (classifier-free guidance)")
+    canonical_fraction: float = _default("canonical_fraction", "decoders: share of canonical captions")
+    corpus: int = _default("corpus", "random captions + requests per modality for the tokenizer")
+    foreground_weight: float = _default(
+        "foreground_weight", "loss weight of foreground pixels: objects cover a few percent of a frame")
+    clip_shape_groups: int = _default("clip_shape_groups", "CLIP batches: groups of images that differ only in shape")
+    split: str | dict = _default("split", 'the world split the components train on: "train", "all" or per component')
+    video_unet: str = _default("video_unet", "the video decoder's UNet (VIDEO_UNETS)")
+    text_tuning: dict = _default(
+        "text_tuning", 'decoder -> what it trains of its text encoder beside its UNet (TEXT_TUNING; "frozen" if unset)')
+    text_lr_scale: float = _default("text_lr_scale", "the tuned text encoder's rate, a fraction of its decoder's")
 
     def override(self, steps: Optional[dict] = None) -> "BuildSettings":
         _check_components(steps or {}, "in steps")
@@ -399,6 +319,22 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return x.movedim(-1, -3)
 
 
+@torch.no_grad()
+def vae_roundtrip(vae, n: int = 96, seed: int = 0) -> dict:
+    """Oracle accuracies of world images encoded and decoded by ``vae`` (a diffusers
+    ``AutoencoderKL``, or anything with its ``encode(x).latent_dist.mode()`` and
+    ``decode(z).sample``), held-in and held-out: what any decoder built on it can draw at best."""
+    rng = np.random.default_rng([seed, 7919, sum(map(ord, "vae"))])
+    report = {}
+    for split_name, split in (("held_in", "train"), ("held_out", "test")):
+        specs = [world.sample_spec(rng, "image", split) for _ in range(n)]
+        x = to_unit(np.stack([world.render_image(s, IMAGE_SIZE) for s in specs]))  # (N, 3, H, W) in [-1, 1]
+        out = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        back = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).numpy()
+        report[split_name] = oracle.score_batch([oracle.analyse_image(b) for b in back], specs)
+    return report
+
+
 def spectrogram_images(waves: np.ndarray, mel) -> torch.Tensor:
     """float (N, S) -> (N, 3, n_mels, frames) in [-1, 1], grey repeated over RGB."""
     img = mel.to_image(torch.from_numpy(waves))  # (N, n_mels, frames) in [0, 1]
@@ -580,8 +516,7 @@ def build_vae(out: Path, settings: BuildSettings, device: str, seed: int, progre
         recon_mse = F.mse_loss(vae.decode(latents).sample, sample).item()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))  # SD's convention: unit-variance latents
     vae.to("cpu").save_pretrained(out)
-    from .quality import vae_roundtrip  # the oracle's reading of its images: every decoder's ceiling
-
+    # The oracle's reading of its images: every decoder's ceiling.
     roundtrip = {split: {k: round(v, 3) for k, v in scores.items()}
                  for split, scores in vae_roundtrip(vae, n=48, seed=seed).items()}
     return {**loss_summary(losses), "recon_mse": recon_mse, "scaling_factor": vae.config.scaling_factor,

@@ -213,15 +213,14 @@ def evaluate_conditioning(model, modality: str, split: str, n: int, seed: int = 
     ``mse`` is the mean squared distance to the true caption's conditioning (the align
     step's loss). No media is rendered."""
     from ..training import signal_states_of_rows
-    from .mmllm_build import _single_turn  # the stage-2 files' generation turn
 
     decoders = getattr(model, "decoders", None)
     if not decoders or modality not in decoders:
         raise ValueError(f"the 'conditioning' task needs model.decoders[{modality!r}]: a model that outputs {modality}")
     specs, prompts = _generation_requests(modality, split, n, seed)
     rng = _rng(seed, "conditioning", modality, split)
-    rows = [_single_turn(p, world.generation_reply(s, rng), output={"modality": modality,
-                                                                     "caption": world.canonical_caption(s)})
+    rows = [world.conversation_row(p, world.generation_reply(s, rng),  # as the stage-2 files' generation turns
+                                   output={"modality": modality, "caption": world.canonical_caption(s)})
             for p, s in zip(prompts, specs)]
     cache = signal_states_of_rows(model, rows, batch_size=batch)
     projector = model.output_projectors[modality]

@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import world
+from . import configs, world
 from .components import VIDEO_FRAMES, build_components, component_info, default_root, loss_summary, training_inputs
 
 MODEL_DIR = "model"
@@ -48,155 +48,64 @@ HINT = ("the toy default is not built; run `python scripts/build_default.py` (~1
         "or add --quick for a weaker model in under 30 min")
 
 
-# Settings added after the shipped default was built, with their off values.
-LATER_SETTINGS = {"brief_requests": {}, "stage2_group_by_length": 0, "stage2_mix": "alternate", "precision": "fp32",
-                  "stage1_mix": "alternate", "stage1_passes": {}, "align_weight_decay": 0.0,
-                  "align_weights": {}, "align_projectors": {}}
+_default = configs.defaults("stages")
 
 
 @dataclass
-class DefaultSettings:
-    """Data sizes and training settings of the toy MMLLM.
+class DefaultSettings(configs.Recipe):
+    """Data sizes and training settings of the toy MMLLM's stages.
 
-    With the defaults, both stages and the align step take about 82 minutes on a 2-core CPU
-    (2026-12-07: stage 1 4 min, stage 2 66 min, align 12 min; docs/RESULTS.md has the measured
-    times); ``DefaultSettings.fast()`` is a few steps, for tests.
+    The defaults are the ``default`` recipe's (``mmllm/toy/configs/default.json``);
+    ``from_recipe(name)`` reads another (``quick``, ``fast``, ``smoke``).
     """
 
-    items: int = 1000  # per modality: caption pairs, generation pairs and QA items
-    dialogues: int = 300  # multi-turn LLaVA dialogues
-    qa_turns: int = 3  # stage-2 QA conversations ask 1 to qa_turns questions about one item
-    # Share of each input modality's caption pairs that also become stage-2 "describe it"
-    # turns. Images get all of theirs: audio and video captions were right held-in with
-    # half, image shape was not (0.33 held-in, docs/RESULTS.md).
-    describe_share: dict = field(default_factory=lambda: {"image": 1.0, "audio": 0.5, "video": 0.5})
-    # Per input modality, an attribute that gets a second QA conversation for every QA
-    # item, opening with a question about it: the hardest attribute to read gets more
-    # supervision without more media (image shape, see describe_share).
-    focus_questions: dict = field(default_factory=lambda: {"image": "shape"})
-    # Share of each output modality's generation pairs that also get a brief request, which
-    # leaves attributes out (world.brief_generation_request: "Draw a blue square." is one large
-    # one in the middle). Off: the shipped default draws no image for 19-25% of brief image
-    # requests held-in, but the build with {"image": 0.5, "audio": 0.5} (and length grouping)
-    # read image colour worse (docs/RESULTS.md, "Brief requests and length grouping").
-    brief_requests: dict = field(default_factory=dict)
-    # Learning rates from 120-step sweeps on image captions (docs/RESULTS.md, "Where the gap was"):
-    # a frozen LLM's projectors learn far faster at 1e-2 than at LLaVA's 1e-3 in so few
-    # steps, and LoRA from stage 2 on lifts every attribute, so stage 2 gets most steps.
-    stage1_steps: int = 120  # 0: one epoch of stage 1's files (TrainConfig.steps)
-    stage1_batch: int = 16
-    stage1_lr: float = 1e-2
-    # How stage 1's four files (image, audio and video captions, generation pairs) share its
-    # batches (TrainConfig.mix), and how often an epoch reads each (TrainConfig.file_passes,
-    # keyed "image", "audio", "video", "generation"; a missing key is one pass). The image
-    # projector alone reads colour only after about 120 batches of 16 image captions (80: 0.29,
-    # 120: 0.90), more than the default's 120 alternating steps (30 image batches) give it.
-    # The quick build reads the image captions twice and first ("sequential", see quick()):
-    # it names 8-11 of 24 newcomer pairs where the alternating quick stage 1 named 3-5
-    # (docs/RESULTS.md, "The image-first stage 1"). Off for the default build, whose 120
-    # steps have not been tried that way: one pass each, alternating.
-    stage1_mix: str = "alternate"
-    stage1_passes: dict = field(default_factory=dict)
-    stage2_steps: int = 1300  # about one pass over the stage-2 files
-    stage2_batch: int = 8
-    # Stage-2 batches of similar length (TrainConfig.group_by_length): windows of 8 batches
-    # cut padding from 29% to 10% of an epoch's tokens (docs/TRAINING.md) and stage 2 from 69
-    # to 57 minutes; off until the colour drop of that build is understood (see brief_requests).
-    stage2_group_by_length: int = 0
-    # How stage 2's four files (image, audio, video, text conversations) share batches
-    # (TrainConfig.mix). "alternate" takes one batch from each in turn until each runs out, so
-    # audio and video stop about 800 batches into an epoch and the image and text files end
-    # it alone; with the seventh build's larger text file its last 120 batches were text only
-    # (docs/RESULTS.md, "Brief requests and length grouping"). "spread" spreads every file
-    # over the epoch.
-    stage2_mix: str = "alternate"
-    stage2_lr: float = 1e-3  # LoRA and signal rows
-    stage2_projector_lr: float = 6e-3  # the projectors keep learning with LoRA
-    lora: dict = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.0,
-                                                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    SECTION = "stages"
+
+    items: int = _default("items", "caption pairs, generation pairs and QA items per modality")
+    dialogues: int = _default("dialogues", "multi-turn LLaVA dialogues")
+    qa_turns: int = _default("qa_turns")  # stage-2 QA conversations ask 1 to qa_turns questions about one item
+    # input modality -> share of its caption pairs that also become stage-2 "describe it" turns
+    describe_share: dict = _default("describe_share")
+    # input modality -> an attribute that gets a second QA conversation opening with it
+    focus_questions: dict = _default("focus_questions")
+    # output modality -> share of its generation pairs that also get a brief request
+    brief_requests: dict = _default("brief_requests")
+    stage1_steps: int = _default("stage1_steps", "stage 1 optimiser steps; 0: one epoch")
+    stage1_batch: int = _default("stage1_batch", "stage 1 batch size")
+    stage1_lr: float = _default("stage1_lr", "stage 1 learning rate")
+    stage1_mix: str = _default("stage1_mix", "how stage 1's files share batches (TrainConfig.mix)")
+    stage1_passes: dict = _default(
+        "stage1_passes", 'passes per epoch over stage 1\'s files, e.g. \'{"image": 2, "generation": 0.1}\' '
+                         "(keys image, audio, video, generation; default one each; TrainConfig.file_passes)")
+    stage2_steps: int = _default("stage2_steps", "stage 2 optimiser steps; 0: one epoch")
+    stage2_batch: int = _default("stage2_batch", "stage 2 batch size")
+    stage2_group_by_length: int = _default("stage2_group_by_length",
+                                           "stage 2 length grouping window in batches (TrainConfig.group_by_length)")
+    stage2_mix: str = _default("stage2_mix", "how stage 2's files share batches (TrainConfig.mix)")
+    stage2_lr: float = _default("stage2_lr", "stage 2 learning rate of LoRA and the signal rows")
+    stage2_projector_lr: float = _default("stage2_projector_lr", "stage 2 learning rate of the projectors")
+    lora: dict = _default("lora")  # stage 2's LoraConfig
     # Decoding-side alignment after stage 2 (mmllm.training.align): the output projectors
-    # alone, on the final model's cached states at the generation turns' signal tokens.
-    # 8000 steps at 2e-3 on every generation request (about 1060 per modality): the held-back
-    # L2 falls from 0.38 (image) / 0.26 (video) with the old 1500 steps at 1e-3 on 400 to
-    # 0.061 / 0.031, and generated images then match the decoder fed the true caption
-    # (docs/RESULTS.md, "The align step was underfitted").
-    align_steps: int = 8000
-    align_batch: int = 64
-    align_lr: float = 2e-3
-    align_weight_decay: float = 0.0  # AdamW's, on the output projectors
-    # modality -> its share of the align steps (default 1 each; training.align.step_schedule)
-    align_weights: dict = field(default_factory=dict)
-    # Fit the projectors on standardised inputs, folded back at the end (align_output_projectors'
-    # standardize; 2026-12-06): held-back L2 about a third of the unscaled fit's in the same steps.
-    align_standardize: bool = True
-    align_examples: Optional[int] = None  # signal sequences cached per output modality (None: all)
-    align_val_examples: int = 100  # of those, held back per modality and scored (val_loss)
-    # Fit the output projectors to the cache from a fresh initialisation: after stage 2's
-    # projector rate they sit in a collapsed state that 1500 steps at 1e-3 do not leave
-    # (L2 0.49 from the trained state against 0.17 from a fresh one, docs/RESULTS.md).
-    align_reinit: bool = True
-    # modality -> the output projector the align step fits in place of the stages' one
-    # (align_output_projectors' projectors; recorded in the model's config). Audio is linear:
-    # the toy world has 18 train-split audio specs, and the transformer projector learned
-    # them as a lookup, mapping a held-out "three low beeps" onto a trained caption (nearest
-    # caption pitch 0.46, count 0.35 held-out); a linear map composes the request's words
-    # (1.00, 1.00), docs/RESULTS.md "A linear audio projector".
-    align_projectors: dict = field(default_factory=lambda: {"audio": {"type": "linear"}})
-    # Both stages' precision and the align step's LLM pass (TrainConfig.precision): "bf16" is
-    # mixed precision (fp32 weights, bf16 matmuls under autocast), "auto" bf16 where the
-    # machine computes it natively. The default build was measured in fp32; the quick one uses
-    # "auto" (its stages 1.16-1.33x and the align cache pass 1.7-1.8x faster on the 2-core CPU,
-    # docs/RESULTS.md "Mixed precision on the CPU").
-    precision: str = "fp32"
-    save_every: int = 10  # checkpoints, for resuming an interrupted stage
-    seed: int = 0
-
-    @classmethod
-    def fast(cls) -> "DefaultSettings":
-        return cls(items=6, dialogues=6, stage1_steps=2, stage1_batch=2, stage2_steps=2, stage2_batch=2,
-                   align_steps=2, align_batch=4, align_val_examples=0, save_every=0)
-
-    @classmethod
-    def quick(cls) -> "DefaultSettings":
-        """The stages of ``build_default.py --quick`` (under 30 minutes from nothing on 2 CPU
-        cores with ``BuildSettings.quick()``): the default recipe with a sixth of stage 2, half of
-        the align steps on 400 requests per output modality, and a stage 1 that reads the image
-        captions twice and first. Align steps cost 0.03 s each. Fitted on unscaled states, the
-        image projector underfit (held-back L2 0.18-0.32 after 4000 steps); on standardised
-        ones (``align_standardize``) 4000 steps give 0.07-0.09, and 950 requests at 2000 steps
-        no better for more time (docs/RESULTS.md, "Centred inputs for the align step"). Its
-        stages and the align step's LLM pass run in bf16 mixed precision where the machine has
-        it natively (``precision="auto"``).
-
-        Stage 1 is one epoch (``stage1_steps=0``). The image projector alone reads colour only
-        after 80-120 batches of image captions, and a quarter of the default's alternating
-        stage 1 gave it 8. Here it gets 125 (two passes), then an eighth of the audio and video
-        captions (8 batches each, as before) and no generation pairs, whose output projectors
-        the align step refits from a fresh start anyway. It named 8-11 of 24 newcomer pairs
-        where the alternating 30-step stage 1 named 3-5 (docs/RESULTS.md, "The image-first
-        stage 1, adopted for `--quick`"). Stage 2 at 300 or 360 steps read images no better in
-        single rebuilds (docs/RESULTS.md, "A longer quick stage 2"); it has 200, to stay under
-        30 minutes. Length grouping (``stage2_group_by_length=8``) would do the same 240 steps
-        in three quarters of the time, but after the same stage 1 it read image caption colour
-        0.54 / 0.46 against 0.75 / 0.83 ungrouped and named 4 newcomer pairs against 11
-        (docs/RESULTS.md, "The quick build back under 30 minutes")."""
-        return cls(stage1_steps=0, stage1_mix="sequential",
-                   stage1_passes={"image": 2, "audio": 0.125, "video": 0.125, "generation": 0},
-                   stage2_steps=200, align_steps=4000, align_examples=400, precision="auto")
-
-    @classmethod
-    def smoke(cls) -> "DefaultSettings":
-        """A short run of both stages on the real LLM in which the losses fall (the default
-        test run's check of the whole chain). Stage 1's rate is the default's scaled to its
-        batch of 4 (1e-2 x 4 / 16): at 1e-2 single batches spiked to twice the starting loss,
-        and on one set of smoke components the last four steps' mean ended above the first's."""
-        return cls(items=16, dialogues=8, stage1_steps=16, stage1_batch=4, stage1_lr=2.5e-3, stage2_steps=16,
-                   stage2_batch=4, stage2_lr=2e-3, align_steps=40, align_batch=8, align_val_examples=2, save_every=0)
-
-    def is_off(self, name: str) -> bool:
-        """True for a setting of ``LATER_SETTINGS`` at its off value: it is left out of the
-        fingerprints and the data marker, so a build made before it existed stays valid."""
-        return name in LATER_SETTINGS and getattr(self, name) == LATER_SETTINGS[name]
+    # alone, on the stage-2 model's cached states at the generation turns' signal tokens.
+    align_steps: int = _default("align_steps", "align step: output-projector steps")
+    align_batch: int = _default("align_batch")
+    align_lr: float = _default("align_lr", "align step: learning rate")
+    align_weight_decay: float = _default("align_weight_decay", "align step: AdamW weight decay")
+    align_weights: dict = _default(
+        "align_weights", 'each output modality\'s share of the align steps, e.g. \'{"image": 2}\' (default equal)')
+    align_standardize: bool = _default("align_standardize", "fit the align step on standardised states")
+    align_examples: Optional[int] = _default("align_examples",
+                                             "align step: signal sequences cached per output modality (default all)")
+    align_val_examples: int = _default("align_val_examples")  # of those, held back per modality and scored
+    align_reinit: bool = _default("align_reinit")  # fit the output projectors from a fresh initialisation
+    align_projectors: dict = _default(
+        "align_projectors", "output projectors the align step fits in place of the stages' ones, e.g. "
+                            "'{\"audio\": {\"type\": \"linear\"}}' ('{}' keeps the preset's)")
+    precision: str = _default("precision",
+                              "precision of both stages and of the align step's LLM pass: bf16 mixed precision, "
+                              "or auto, bf16 where this machine computes it natively (TrainConfig.precision)")
+    save_every: int = _default("save_every")  # checkpoints, for resuming an interrupted stage
+    seed: int = _default("seed", "random seed")
 
     def stage_fingerprint(self, stage: str, components: dict, model_config: Optional[dict] = None,
                           whole_config: bool = False) -> str:
@@ -216,7 +125,7 @@ class DefaultSettings:
                  "align_examples", "align_val_examples", "align_reinit", "align_standardize", "align_projectors")
         keys = {"stage1": s1, "stage2": s2, "align": align}[stage]
         model_config = model_config or {}
-        data = {"settings": {k: getattr(self, k) for k in keys if not self.is_off(k)},
+        data = {"settings": {k: getattr(self, k) for k in keys},
                 "components": training_inputs(components),
                 "model_config": model_config if whole_config else training_view(model_config)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -270,17 +179,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _single_turn(user: str, reply: str, media: Optional[tuple[str, str]] = None, output: Optional[dict] = None) -> dict:
-    row: dict = {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]}
-    if media is not None:
-        modality, path = media
-        row[modality] = path
-        row["conversations"][0]["value"] = f"{world.input_placeholder(modality)}\n{user}"
-    if output is not None:
-        row["outputs"] = [output]
-    return row
-
-
 def _qa_conversation(row: dict, turns: int, rng: np.random.Generator, first: Optional[str] = None) -> dict:
     """The QA item's question (or, with ``first``, a question about that attribute), then up
     to ``turns - 1`` more about other attributes of the same media (LLaVA-style multi-turn):
@@ -292,7 +190,7 @@ def _qa_conversation(row: dict, turns: int, rng: np.random.Generator, first: Opt
         question, answer, _ = world.question_answer(spec, first, rng)
     others = [a for a in world.attribute_values(spec.modality) if a != first]
     extra = [others[i] for i in rng.permutation(len(others))[:int(rng.integers(turns))]]
-    conv = _single_turn(question, answer, (row["modality"], row["path"]))
+    conv = world.conversation_row(question, answer, (row["modality"], row["path"]))
     for attribute in extra:
         q, a, _ = world.question_answer(spec, attribute, rng)
         conv["conversations"] += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
@@ -313,7 +211,6 @@ def write_data(directory: Path, settings: DefaultSettings) -> dict[str, list[str
     wanted = {"items": settings.items, "dialogues": settings.dialogues, "qa_turns": settings.qa_turns,
               "describe_share": settings.describe_share, "focus_questions": settings.focus_questions,
               "brief_requests": settings.brief_requests, "seed": settings.seed, "frames": VIDEO_FRAMES}
-    wanted = {k: v for k, v in wanted.items() if not settings.is_off(k)}
     if not (marker.is_file() and json.loads(marker.read_text()).get("settings") == wanted):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
@@ -352,15 +249,15 @@ def _write_stage_files(directory: Path, settings: DefaultSettings) -> None:
             continue
         reply = r["caption"][0].upper() + r["caption"][1:]
         reply += "" if reply.endswith(".") else "."
-        groups[m].append(_single_turn(DESCRIBE[m][int(rng.integers(3))], reply, (m, r["path"])))
+        groups[m].append(world.conversation_row(DESCRIBE[m][int(rng.integers(3))], reply, (m, r["path"])))
     for r in _read_jsonl(directory / "generation.jsonl"):
         spec = world.spec_from_dict(r["spec"])
-        groups["text"].append(_single_turn(r["request"], world.generation_reply(spec, rng),
+        groups["text"].append(world.conversation_row(r["request"], world.generation_reply(spec, rng),
                                            output={"modality": r["modality"], "caption": r["caption"]}))
         share = settings.brief_requests.get(r["modality"], 0.0)
         if share > 0 and rng.random() < share:  # no draw while off: the files stay as they were
             filled, request = world.brief_generation_request(spec, rng)
-            groups["text"].append(_single_turn(request, world.generation_reply(filled, rng),
+            groups["text"].append(world.conversation_row(request, world.generation_reply(filled, rng),
                                                output={"modality": r["modality"],
                                                        "caption": world.canonical_caption(filled)}))
     for d in json.loads((directory / "dialogues.json").read_text()):

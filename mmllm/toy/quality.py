@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from . import oracle, world
-from .components import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES, default_root, to_unit, video_decoder_backend
+from .components import (IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES, default_root, to_unit, vae_roundtrip,
+                         video_decoder_backend)
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -216,22 +217,6 @@ def clip_zero_shot(root: Path, sets: dict) -> dict:
 def _features_out(x):
     """transformers 5 may return a model output from get_*_features; keep the tensor."""
     return x if isinstance(x, torch.Tensor) else x.pooler_output
-
-
-@torch.no_grad()
-def vae_roundtrip(vae, n: int = 96, seed: int = 0) -> dict:
-    """Oracle accuracies of world images encoded and decoded by ``vae`` (a diffusers
-    ``AutoencoderKL``, or anything with its ``encode(x).latent_dist.mode()`` and
-    ``decode(z).sample``), held-in and held-out: what any decoder built on it can draw at best."""
-    rng = _rng(seed, "vae")
-    report = {}
-    for split_name, split in (("held_in", "train"), ("held_out", "test")):
-        specs = _specs("image", split, n, rng)
-        x = to_unit(np.stack([world.render_image(s, IMAGE_SIZE) for s in specs]))  # (N, 3, H, W) in [-1, 1]
-        out = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        back = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).numpy()
-        report[split_name] = oracle.score_batch([oracle.analyse_image(b) for b in back], specs)
-    return report
 
 
 @torch.no_grad()

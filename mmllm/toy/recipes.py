@@ -1,4 +1,8 @@
-"""Compare training recipes on the toy world, cheaply: the research test bed.
+"""The toy world's named recipes, and a cheap way to compare training recipes on it.
+
+``load_recipe(name)`` gives a recipe's typed settings (``components.BuildSettings``,
+``mmllm_build.DefaultSettings``) from its JSON file (``mmllm.toy.configs``);
+``recipe_fingerprint(name)`` is a short hash of everything the recipe builds from.
 
 A *variant* is a short training run on one modality's caption pairs (LLaVA's "plain"
 format, ``<image>`` + caption) from the toy MMLLM's initial state, with its own
@@ -18,6 +22,8 @@ projector types, token counts and learning rates can be ranked in minutes on a C
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,15 +31,52 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import oracle, world
-from .components import default_root
+from . import configs, oracle, world
+from .components import BuildSettings, default_root
+from .mmllm_build import DefaultSettings, model_dir, training_view
+from .preset import toy_config
+
+
+def load_recipe(name: str = "default") -> tuple[BuildSettings, DefaultSettings]:
+    """The components' and the stages' settings of recipe ``name`` (``recipe_names()``)."""
+    return BuildSettings.from_recipe(name), DefaultSettings.from_recipe(name)
+
+
+def recipe_names() -> list[str]:
+    return configs.names()
+
+
+def fingerprint(components: BuildSettings, stages: DefaultSettings, model_config: dict) -> str:
+    """The first 16 hex digits of the SHA-256 of the settings and the model config, as sorted JSON."""
+    data = {"components": dataclasses.asdict(components), "stages": dataclasses.asdict(stages),
+            "model_config": model_config}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_fingerprint(name: str = "default", root: Optional[str | os.PathLike] = None) -> str:
+    """A short hash of what recipe ``name`` builds from: its settings and the toy model config
+    (``toy_config``) with component paths relative to the model directory and without the
+    decoders' generation settings (``training_view``), so neither the machine nor where
+    ``root`` lies changes it. The config reads the image statistics of the CLIP built under
+    ``root`` (default ``default_root()``)."""
+    root = Path(os.path.abspath(root if root is not None else default_root()))
+    model = model_dir(root)
+    config = toy_config(root).relative_to(model).to_dict()
+
+    def relative(value):  # relative_to keeps the paths of components not built yet
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(root):
+            return os.path.relpath(value, model)
+        return value
+
+    return fingerprint(*load_recipe(name), training_view(relative(config)))
+
 
 def split_variant(variant: dict) -> tuple[dict, dict]:
     """(TrainConfig fields, model-config overrides) of a variant; ``lora: true`` (and stage 2,
     which needs adapters) means the toy build's own LoRA settings (``DefaultSettings.lora``)."""
     from mmllm.training import TrainConfig
-
-    from .mmllm_build import DefaultSettings
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     train = {k: v for k, v in variant.items() if k in fields}
@@ -85,8 +128,7 @@ def run_variant(name: str, variant: dict, out: str | os.PathLike, modality: str 
     from mmllm.training import TrainConfig, train
 
     from .components import loss_summary
-    from .mmllm_build import DefaultSettings, write_data
-    from .preset import toy_config
+    from .mmllm_build import write_data
 
     root = Path(root) if root is not None else default_root()
     files = data or write_data(root / "data", DefaultSettings(seed=seed))
@@ -135,4 +177,5 @@ def table(rows: list[dict], modality: str = "image") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["compare", "plain_caption_scores", "run_variant", "split_variant", "table"]
+__all__ = ["compare", "fingerprint", "load_recipe", "plain_caption_scores", "recipe_fingerprint", "recipe_names",
+           "run_variant", "split_variant", "table"]

@@ -822,6 +822,21 @@ def _edit(spec: Spec, split: str, rng: np.random.Generator) -> Optional[tuple[Sp
     return None
 
 
+def conversation_row(user: str, reply: str, media: Optional[tuple[str, str]] = None,
+                     output: Optional[dict] = None) -> dict:
+    """One LLaVA-format exchange: ``user`` then ``reply``; ``media`` ``(modality, path)`` puts
+    that input's placeholder before the request, ``output`` (``{"modality", "caption"}``)
+    marks the reply as one that renders it."""
+    row: dict = {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]}
+    if media is not None:
+        modality, path = media
+        row[modality] = path
+        row["conversations"][0]["value"] = f"{input_placeholder(modality)}\n{user}"
+    if output is not None:
+        row["outputs"] = [output]
+    return row
+
+
 def make_dialogues(n: int, split: str = "train", seed: int = 0, max_exchanges: int = 4) -> list[dict]:
     """``n`` LLaVA-style multi-turn dialogues mixing understanding and generation (see the
     module docstring for the format). Input and output specs are serialised as dicts."""

@@ -13,6 +13,11 @@ NAN_POLICIES = ("skip", "stop")
 MIXES = ("mixed", "alternate", "spread", "sequential")
 
 
+def _flag(default, help: str):
+    """A field with a command-line flag (``mmllm.cliargs``) and its help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig(JsonConfig):
     """One training run.
@@ -57,41 +62,43 @@ class TrainConfig(JsonConfig):
     """
 
     stage: str = "stage1"
-    model: str = "tiny"
-    out: str = "runs/stage1"
-    captions: Optional[str] = None
-    generation: Optional[str] = None
-    conversations: Optional[str] = None
-    data_root: Optional[str] = None
-    steps: int = 0
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 4e-4
-    projector_lr: Optional[float] = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    model: str = _flag("tiny", "preset name, save_pretrained dir, or a previous stage's --out dir")
+    out: str = _flag("runs/stage1", "output dir: checkpoints/, logs/, model/ (the finished stage), bad_rows.json")
+    captions: Optional[str] = _flag(None, "caption pairs (.jsonl/.csv: modality, path, caption), encoding side")
+    generation: Optional[str] = _flag(None, "generation pairs (.jsonl/.csv: modality, caption), decoding side")
+    conversations: Optional[str] = _flag(None, "LLaVA conversations (.json list or .jsonl)")
+    data_root: Optional[str] = _flag(None, "media paths are relative to this (default: each data file's folder)")
+    steps: int = _flag(0, "optimiser steps (0: use --epochs)")
+    epochs: int = _flag(1, "passes over the data when --steps is 0")
+    batch_size: int = _flag(8, "samples per micro-batch per process")
+    grad_accum: int = _flag(1, "micro-batches per optimiser step")
+    lr: float = _flag(4e-4, "learning rate (LoRA, signal-token rows)")
+    projector_lr: Optional[float] = _flag(None, "learning rate of the projectors (default: --lr)")
+    weight_decay: float = _flag(0.0, "AdamW weight decay")
+    warmup_ratio: float = _flag(0.03, "share of steps with linear warmup before cosine decay")
     max_grad_norm: float = 1.0
-    precision: str = "fp32"
+    precision: str = _flag("fp32", "fp32 | bf16 | fp16 (mixed precision through accelerate) | "
+                                   "auto (bf16 where native, else fp32)")
     gradient_checkpointing: bool = False
     lm_scale: float = 1.0
     l2_scale: dict = field(default_factory=lambda: {"image": 1.0, "audio": 1.0, "video": 1.0})
-    mix: str = "mixed"
-    shuffle_buffer: int = 0
+    mix: str = _flag("mixed", "mixed | alternate | spread | sequential: how several data files share batches")
+    shuffle_buffer: int = _flag(0, "streaming shuffle buffer size (0: file order)")
     file_passes: Optional[list] = None
-    group_by_length: int = 0
+    group_by_length: int = _flag(0, "batch similar lengths together within windows of N batches (0: off)")
     lora: Optional[LoraConfig] = None
-    save_every: int = 0
-    eval_every: int = 0
-    log_every: int = 1
+    save_every: int = _flag(0, "checkpoint every N steps (0: never)")
+    eval_every: int = _flag(0, "run the evaluation hook every N steps (library use)")
+    log_every: int = _flag(1, "TensorBoard scalars every N steps")
     keep_checkpoints: int = 2
-    resume: Optional[str] = None
-    nan_policy: str = "skip"
+    resume: Optional[str] = _flag(None, "checkpoint dir to resume from, or 'latest'")
+    nan_policy: str = _flag("skip", "skip | stop on a NaN/Inf loss")
     strict: bool = False
-    max_bad_row_share: float = field(default=0.5, metadata={"minimum": 0, "maximum": 1})
-    allow_outside_data_root: bool = False
-    feature_cache: Optional[str] = None
-    seed: int = 0
+    max_bad_row_share: float = field(default=0.5, metadata={
+        "minimum": 0, "maximum": 1, "help": "fail the run when more than this share of rows cannot be read"})
+    allow_outside_data_root: bool = _flag(False, "open media paths that leave data_root")
+    feature_cache: Optional[str] = _flag(None, "dir written by scripts/cache_features.py")
+    seed: int = _flag(0, "random seed")
     progress: bool = True
 
     def __post_init__(self):

@@ -117,7 +117,7 @@ def toy_url(tmp_path_factory):
     """The demo serving the trained toy default (built first when missing: ~100 min on 2 CPU
     cores), greedy so the answers are reproducible."""
     import mmllm
-    from demo.chat import Settings
+    from mmllm.chat import Settings
     from mmllm.toy.mmllm_build import build_default, is_built
 
     if not is_built():

@@ -1,4 +1,4 @@
-"""The chat logic behind the web demo and ``mmllm chat``, as plain Python (no Gradio).
+"""The chat logic behind ``mmllm chat``, ``mmllm generate`` and the web demo, as plain Python (no Gradio).
 
 A conversation is a list of ``Turn``: what the user typed, the media files attached to it,
 the model's reply and the media it produced. ``model_history`` turns that list into the
@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from mmllm.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, check_media
+from mmllm.media import MediaError, check_media
+from mmllm.modalities import MODALITIES as _REGISTRY
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("image", "audio", "video")
-RESULT_FIELDS = (("image", "images"), ("audio", "audio"), ("video", "videos"))
-SUFFIXES = (("image", IMAGE_SUFFIXES), ("audio", AUDIO_SUFFIXES), ("video", VIDEO_SUFFIXES))
+MODALITIES = tuple(_REGISTRY)
+RESULT_FIELDS = tuple((m.name, m.result_field) for m in _REGISTRY.values())
+SUFFIXES = tuple((m.name, m.file_suffixes()) for m in _REGISTRY.values())
 
 
 class InputError(ValueError):
