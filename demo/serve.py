@@ -34,7 +34,7 @@ def serve(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mmllm-demo-") as root:
         # Uploads land in this session's own temp dir: Gradio reads the variable when it is imported.
         os.environ["GRADIO_TEMP_DIR"] = os.path.join(root, "uploads")
-        name = args.model or mmllm.api.default_model_name()  # the built toy model, else smollm2
+        name = args.model or mmllm.api.default_model_name()  # $MMLLM_DEFAULT, else the shipped toy model
         print(f"Loading model {name!r}…", file=sys.stderr, flush=True)
         start = time.perf_counter()
         model = mmllm.load(name)

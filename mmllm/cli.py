@@ -33,7 +33,7 @@ class UsageError(ValueError):
 def _load(name: str | None):
     import mmllm
 
-    name = name or mmllm.api.default_model_name()  # the built toy model, else smollm2 (with a hint)
+    name = name or mmllm.api.default_model_name()  # $MMLLM_DEFAULT, else the shipped toy model
     print(f"Loading model {name!r}…", file=sys.stderr, flush=True)
     start = time.perf_counter()
     model = mmllm.load(name)

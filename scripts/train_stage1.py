@@ -20,7 +20,7 @@ def main(argv=None):
     if not cfg.stage.startswith("stage1"):
         parser.error(f"stage {cfg.stage!r} is not a stage-1 stage; use scripts/train_stage2.py")
     result = train(cfg)
-    print(f"done: {result.steps} steps, final loss {result.losses[-1] if result.losses else float('nan'):.4f}, "
+    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, "
           f"{result.bad_rows} bad row(s), model in {result.model_dir}")
 
 

@@ -113,27 +113,15 @@ def _core_toy_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
             if m.split(".")[0] == "mmllm" and not _is_toy(m) and any(map(_is_toy, deps))}
 
 
-def _xfail_if_only_the_api(graph: dict[str, set[str]], broken: bool) -> None:
-    """``mmllm.api`` still opens the built toy model through ``mmllm.toy``; while that import
-    is the only offence, the rules it breaks are expected failures."""
-    if not broken or set(_core_toy_imports(graph)) != {"mmllm.api"}:
-        return
-    without = {m: ({d for d in deps if not _is_toy(d)} if m == "mmllm.api" else deps) for m, deps in graph.items()}
-    if not _cycles(without) and not _core_toy_imports(without):
-        pytest.xfail("mmllm.api imports mmllm.toy; nothing else breaks the rule")
-
-
 def test_no_import_cycles():
     graph = import_graph()
     cycles = _cycles(graph)
-    _xfail_if_only_the_api(graph, bool(cycles))
     assert cycles == []
 
 
 def test_the_core_does_not_import_the_toy_world():
     graph = import_graph()
     offenders = _core_toy_imports(graph)
-    _xfail_if_only_the_api(graph, bool(offenders))
     assert offenders == {}
 
 

@@ -129,3 +129,16 @@ def test_a_wheel_installed_into_a_fresh_venv_opens_the_default(tmp_path):
                          cwd=tmp_path, timeout=600)
     name, _, answer = out.stdout.strip().partition(" ")
     assert name == "toy" and named(answer)[0] == "red", out.stdout
+
+
+def test_the_shipped_model_was_built_by_the_current_recipe():
+    """A change to the toy recipe (``mmllm/toy/configs/default.json``, the toy preset) without
+    a new shipped build fails here."""
+    from mmllm.toy.recipes import recipe_fingerprint
+
+    manifest = shipped.read_manifest(shipped.SHIPPED_DIR / "toy")
+    assert manifest["build"]["recipe_fingerprint"] == recipe_fingerprint("default"), (
+        "the toy recipe changed since the shipped default was built. Rebuild and reship it: "
+        "`python scripts/build_default.py --root R`, `python scripts/evaluate.py --model R/model --n 48 --gen-n 48 "
+        "--tasks understanding generation --out R/scores.json`, `python scripts/ship_default.py --root R --scores "
+        "R/scores.json` (replace it only if it scores better), or undo the recipe change")

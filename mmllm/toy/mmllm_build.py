@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,8 +44,6 @@ from .components import VIDEO_FRAMES, build_components, component_info, default_
 MODEL_DIR = "model"
 BUILD_INFO = "build.json"
 DONE = "done.json"
-HINT = ("the toy default is not built; run `python scripts/build_default.py` (~150 min on 2 CPU cores), "
-        "or add --quick for a weaker model in under 30 min")
 
 
 _default = configs.defaults("stages")
@@ -498,11 +496,11 @@ def build_default(root: str | os.PathLike | None = None, device: str = "cpu", fa
                     "stage1_run": info1, "stage2_run": info2, "align_run": info3,
                     "components": component_ids, "generation_settings": generation, "built_at": time.time()}
             (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: marks it complete
-    uses = ("mmllm.load() now uses it" if final.resolve() == model_dir().resolve() else
-            f"mmllm.load({str(final)!r}) opens it; mmllm.load() uses {model_dir()}")
+    uses = (f"mmllm.load({str(final)!r}) opens it; MMLLM_DEFAULT={final} makes it the default, in place of the "
+            "shipped one; scripts/ship_default.py packs it as the shipped default")
     log(f"toy MMLLM ready in {final} ({time.time() - t0:.0f} s this run; {uses})")
     return final
 
 
-__all__ = ["DefaultSettings", "HINT", "build_default", "generation_settings", "is_built", "model_dir",
+__all__ = ["DefaultSettings", "build_default", "generation_settings", "is_built", "model_dir",
            "training_view", "write_data"]

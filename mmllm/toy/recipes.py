@@ -53,24 +53,35 @@ def fingerprint(components: BuildSettings, stages: DefaultSettings, model_config
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def recipe_fingerprint(name: str = "default", root: Optional[str | os.PathLike] = None) -> str:
+def recipe_fingerprint(name: str = "default") -> str:
     """A short hash of what recipe ``name`` builds from: its settings and the toy model config
     (``toy_config``) with component paths relative to the model directory and without the
-    decoders' generation settings (``training_view``), so neither the machine nor where
-    ``root`` lies changes it. The config reads the image statistics of the CLIP built under
-    ``root`` (default ``default_root()``)."""
-    root = Path(os.path.abspath(root if root is not None else default_root()))
-    model = model_dir(root)
-    config = toy_config(root).relative_to(model).to_dict()
+    decoders' generation settings (``training_view``). Nothing needs to be built: the image
+    statistics that ``toy_config`` reads from a built CLIP are outputs of the build, not
+    inputs, and are left out, so neither the machine nor a build changes it. A shipped model's
+    manifest records it (``scripts/ship_default.py``)."""
+    import tempfile
 
-    def relative(value):  # relative_to keeps the paths of components not built yet
-        if isinstance(value, dict):
-            return {k: relative(v) for k, v in value.items()}
-        if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(root):
-            return os.path.relpath(value, model)
-        return value
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "toy"
+        (root / "clip").mkdir(parents=True)
+        (root / "clip" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.0] * 3,
+                                                                           "image_std": [1.0] * 3}))
+        model = model_dir(root)
+        config = toy_config(root).relative_to(model).to_dict()
 
-    return fingerprint(*load_recipe(name), training_view(relative(config)))
+        def relative(value):  # relative_to keeps the paths of components that are not there
+            if isinstance(value, dict):
+                return {k: relative(v) for k, v in value.items()}
+            if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(root):
+                return os.path.relpath(value, model)
+            return value
+
+        config = relative(config)
+    for inp in config["inputs"].values():
+        for stat in ("image_mean", "image_std"):
+            (inp["encoder"].get("options") or {}).pop(stat, None)
+    return fingerprint(*load_recipe(name), training_view(config))
 
 
 def split_variant(variant: dict) -> tuple[dict, dict]:
