@@ -20,7 +20,8 @@ def main(argv=None):
     if not cfg.stage.startswith("stage1"):
         parser.error(f"stage {cfg.stage!r} is not a stage-1 stage; use scripts/train_stage2.py")
     result = train(cfg)
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, "
+    final = "none" if result.final_loss is None else f"{result.final_loss:.4f}"
+    print(f"done: {result.steps} steps, final loss {final}, "
           f"{result.bad_rows} bad row(s), model in {result.model_dir}")
 
 
