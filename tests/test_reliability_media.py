@@ -536,3 +536,18 @@ def test_video_frames_of_different_sizes_are_refused():
 def test_bool_is_not_a_sample_rate():
     with pytest.raises(MediaError, match=r"audio sample rate True is not a positive integer; pass \(waveform, rate_in_hz\)"):
         load_audio((np.zeros(100, np.float32), True), SR)
+
+
+# --------------------------------------------------------------------------- the demo's uploads
+
+
+def test_demo_upload_errors_show_the_file_name_not_the_server_path(tmp_path):
+    from demo.chat import InputError, Limits, check_upload
+
+    upload = tmp_path / "gradio-upload-4f2a" / "photo.png"
+    upload.parent.mkdir()
+    upload.write_bytes(b"\x89PNG not really" * 10)
+    with pytest.raises(InputError) as err:
+        check_upload(upload, Limits(), ("image",))
+    assert str(err.value).startswith("photo.png: not a readable image file (cannot decode image 'photo.png' (")
+    assert str(tmp_path) not in str(err.value)
