@@ -86,9 +86,10 @@ def check_seed(seed: Any, name: str = "seed") -> int | None:
 def check_sampling(max_new_tokens: Any, temperature: Any, top_p: Any) -> None:
     """Refuse sampling settings that would be silently wrong (NaN, negative, out of range)."""
     _check_int(max_new_tokens, "max_new_tokens", 1)
-    if not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
+    if temperature is not None and not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r}; pass a finite number >= 0 (0 is greedy decoding)")
-    _check_number(top_p, "top_p", 0.0, 1.0, low_open=True)
+    if top_p is not None:
+        _check_number(top_p, "top_p", 0.0, 1.0, low_open=True)
 
 
 def _check_decoder_settings(settings: dict) -> None:
@@ -238,7 +239,7 @@ def _generation_kwargs(model, max_new_tokens, temperature, top_p, extra, media: 
     eos = model.llm.generation_config.eos_token_id
     kwargs["eos_token_id"] = eos if eos is not None else tok.eos_token_id
     if temperature and temperature > 0:
-        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=1.0 if top_p is None else float(top_p))
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if model.signal_groups:
