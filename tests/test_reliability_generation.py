@@ -204,7 +204,7 @@ print("exiting", flush=True)
 
 
 def test_abandoned_streams_let_the_process_exit_cleanly():
-    proc = subprocess.run([sys.executable, "-c", _ABANDON], capture_output=True, text=True, cwd=ROOT, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", _ABANDON], capture_output=True, text=True, cwd=ROOT, timeout=540,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exiting" in proc.stdout and "terminate called" not in proc.stderr
