@@ -175,8 +175,16 @@ def check_upload(path: str | os.PathLike, limits: Limits, accepted: Sequence[str
     try:
         check_media(path, modality)
     except MediaError as err:
-        raise InputError(f"{path.name}: not a readable {modality} file ({err})") from err
+        raise InputError(f"{path.name}: not a readable {modality} file ({hide_paths(str(err), [path])})") from err
     return modality
+
+
+def hide_paths(message: str, paths) -> str:
+    """``message`` with each of ``paths`` shown by its file name only: the server's upload
+    folders are not the user's business."""
+    for path in sorted({str(p) for p in paths}, key=len, reverse=True):
+        message = message.replace(path, Path(path).name)
+    return message
 
 
 def make_turn(model, message: dict | str | None, limits: Limits) -> Turn:
@@ -201,13 +209,14 @@ def make_turn(model, message: dict | str | None, limits: Limits) -> Turn:
 
 def model_history(model, turns: Sequence[Turn]) -> list[dict]:
     """``history=`` for ``model.generate``: every finished turn, with its media and one
-    placeholder per item at the start of the user's text (as ``generate`` does for the
-    current turn). Failed turns are left out."""
+    placeholder per item, those the user did not type put at the start of the user's text
+    (as ``generate`` does for the current turn). Failed turns are left out."""
     history = []
     for turn in turns:
         if turn.error is not None or not turn.done:
             continue
-        prefix = "".join((placeholder(model, m) + "\n") * len(paths) for m, paths in turn.media.items())
+        missing = {m: len(paths) - turn.text.count(placeholder(model, m)) for m, paths in turn.media.items()}
+        prefix = "".join((placeholder(model, m) + "\n") * n for m, n in missing.items() if n > 0)
         user: dict[str, Any] = {"role": "user", "content": prefix + turn.text}
         user.update({m: list(paths) for m, paths in turn.media.items()})
         history += [user, {"role": "assistant", "content": turn.reply}]
@@ -309,9 +318,11 @@ def _stream(model, turn: Turn, turns: list[Turn], settings: Settings, out_dir):
         for _ in run_turn(model, turn, history, settings, out_dir):
             yield to_messages(turns), turns
     except ValueError as err:  # MediaError is a ValueError: a file the model's loaders rejected
-        turn.error, turn.done = str(err), True
+        paths = [p for t in turns for ps in t.media.values() for p in ps]
+        turn.error, turn.done = hide_paths(str(err), paths), True
         yield to_messages(turns), turns
     except Exception as err:  # keep the page usable; the log keeps the traceback
         log.exception("generation failed")
-        turn.error, turn.done = f"generation failed: {type(err).__name__}: {err}", True
+        paths = [p for t in turns for ps in t.media.values() for p in ps]
+        turn.error, turn.done = hide_paths(f"generation failed: {type(err).__name__}: {err}", paths), True
         yield to_messages(turns), turns

@@ -5,6 +5,12 @@ written here. Each modality has a placeholder (``<image>``, ``<audio>``, ``<vide
 to the tokenizer as a special token. After tokenisation every placeholder is expanded to
 the number of positions its projector produces (0 for a gated prefix), and the media
 features are later written into those positions (``MMLLM.embed``).
+
+Message text is untrusted: control tokens typed into it (``<|im_end|>``, ``<|im_start|>``,
+the signal tokens ``[IMG0]``...) are tokenized as plain text, the way chat servers do it, so
+a user cannot close their turn, open a system turn or emit a signal token by typing. Only the
+chat template's own markers and the media placeholders (the documented way to place media)
+stay special.
 """
 
 from __future__ import annotations
@@ -70,6 +76,81 @@ class MMLLMProcessor:
     def tokenize(self, text: str) -> list[int]:
         # The chat template already wrote BOS and role markers; add nothing.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render and tokenize a chat; control tokens typed inside a message stay text.
+
+        Text without control-token strings (all ordinary text) tokenizes exactly as
+        ``tokenize(render(...))``; in a message that holds some, the tokens they cover are
+        re-tokenized as text (placeholders kept).
+        """
+        text = self.render(messages, add_generation_prompt)
+        strings = self._control_strings()
+        typed = [i for i, m in enumerate(messages) if any(c in str(m.get("content") or "") for c in strings)]
+        if not typed:
+            return self.tokenize(text)
+        spans = self._content_spans(messages, add_generation_prompt, text)
+        if spans is None:
+            i = typed[0]
+            found = next(c for c in strings if c in messages[i]["content"])
+            raise ValueError(
+                f"message {i} contains the control token {found!r}, and this chat template changes message text, "
+                "so it cannot be kept as plain text; remove it from the message"
+            )
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        control = self._control_ids()
+        for i in reversed(typed):
+            a, b = spans[i]
+            inside = [k for k, (start, end) in enumerate(offsets) if start < b and end > a]
+            if not any(ids[k] in control for k in inside):
+                continue
+            lo, hi = min(offsets[k][0] for k in inside), max(offsets[k][1] for k in inside)
+            ids[inside[0]:inside[-1] + 1] = self._text_ids(text[lo:hi])  # last span first: earlier indices hold
+        return ids
+
+    def _control_ids(self) -> set[int]:
+        """Special token ids other than the media placeholders."""
+        tok = self.tokenizer
+        ids = set(tok.all_special_ids)
+        ids |= {i for i, t in (getattr(tok, "added_tokens_decoder", None) or {}).items() if getattr(t, "special", False)}
+        return ids - {s.token_id for s in self.modalities.values()}
+
+    def _control_strings(self) -> list[str]:
+        return [s for s in self.tokenizer.convert_ids_to_tokens(sorted(self._control_ids())) if s]
+
+    def _text_ids(self, text: str) -> list[int]:
+        """``text`` tokenized with every special token as plain text, except the placeholders."""
+        import re
+
+        by_text = {s.placeholder: s.token_id for s in self.modalities.values()}
+        out: list[int] = []
+        pattern = "(" + "|".join(re.escape(p) for p in by_text) + ")" if by_text else None
+        for piece in (re.split(pattern, text) if pattern else [text]):
+            if piece in by_text:
+                out.append(by_text[piece])
+            elif piece:
+                out += self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return out
+
+    def _content_spans(self, messages: list[dict], add_generation_prompt: bool, text: str):
+        """Character spans of each message's content in ``text``, found by rendering the chat with
+        a marker for each content; None when the template does not copy content verbatim."""
+        marks = [f"MMLLMCONTENT{i}MARK" for i in range(len(messages))]
+        marked = self.render([{**m, "content": k} for m, k in zip(messages, marks)], add_generation_prompt)
+        pieces, pos = [], 0
+        for k in marks:
+            j = marked.find(k, pos)
+            if j < 0:
+                return None
+            pieces.append(marked[pos:j])
+            pos = j + len(k)
+        spans, rebuilt = [], ""
+        for piece, m in zip(pieces, messages):
+            rebuilt += piece
+            spans.append((len(rebuilt), len(rebuilt) + len(m["content"])))
+            rebuilt += m["content"]
+        return spans if rebuilt + marked[pos:] == text else None
 
     def expand(self, ids: list[int]) -> list[int]:
         """Repeat every placeholder id ``num_tokens`` times (dropping it for prefix modalities)."""
@@ -140,7 +221,7 @@ class MMLLMProcessor:
             raise ValueError(f"{len(conversations)} conversations but {len(media)} media dicts; give one per conversation")
         seqs = []
         for i, (conv, sample) in enumerate(zip(conversations, media)):
-            ids = self.tokenize(self.render(conv, add_generation_prompt))
+            ids = self.encode(conv, add_generation_prompt)
             self.check_counts(ids, sample, i)
             ids = self.expand(ids)
             if self.max_length and len(ids) > self.max_length:

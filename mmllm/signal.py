@@ -4,7 +4,8 @@ Each output modality owns ``K`` new tokens (``[IMG0]..[IMG3]``). Only their new 
 ``SignalEmbedding`` and ``SignalHead`` wrap the LLM's frozen embedding and LM head and add
 a small trainable matrix each, so the original matrices are never resized or unfrozen
 (NExT-GPT's resize-after-freeze made the whole matrix trainable). ``ForceSignalTokens``
-completes a started signal sequence, so a partial one can never be produced.
+completes a started signal sequence and, given the token budget, starts none that cannot
+finish inside it, so ``max_new_tokens`` never cuts one short.
 """
 
 from __future__ import annotations
@@ -78,12 +79,16 @@ class SignalHead(nn.Module):
 class ForceSignalTokens:
     """A transformers ``LogitsProcessor``: after ``[X0]`` comes ``[X1]`` ... ``[X{K-1}]``.
 
-    It also suppresses the first signal token of modalities that are not allowed, or that
-    already reached ``max_per_turn`` in this generation.
+    It also suppresses the first signal token of modalities that are not allowed, that
+    already reached ``max_per_turn`` in this generation, or whose ``K`` tokens no longer fit
+    in ``max_new_tokens`` (``input_ids`` holding only the generated tokens, as when
+    generating from ``inputs_embeds``).
     """
 
-    def __init__(self, groups: dict[str, list[int]], allowed: set[str] | None = None, max_per_turn: int | None = None):
+    def __init__(self, groups: dict[str, list[int]], allowed: set[str] | None = None, max_per_turn: int | None = None,
+                 max_new_tokens: int | None = None):
         self.groups = groups
+        self.max_new_tokens = max_new_tokens
         self.allowed = set(groups) if allowed is None else set(allowed)
         self.max_per_turn = max_per_turn
         self.next_of = {ids[i]: ids[i + 1] for ids in groups.values() for i in range(len(ids) - 1)}
@@ -101,10 +106,22 @@ class ForceSignalTokens:
                 scores[row] = low
                 scores[row, forced] = keep if torch.isfinite(keep) and keep > low else 0.0
                 continue
+            left = None if self.max_new_tokens is None else self.max_new_tokens - len(seq)
             for modality, start in self.start_of.items():
                 used = sum(1 for t in seq if t == start)
                 capped = self.max_per_turn is not None and used >= self.max_per_turn
-                if modality not in self.allowed or capped:
+                no_room = left is not None and left < len(self.groups[modality])
+                if modality not in self.allowed or capped or no_room:
                     scores[row, start] = low
         return scores
 
+
+def partial_signal_groups(ids: list[int], groups: dict[str, list[int]]) -> list[tuple[str, int, int]]:
+    """Signal sequences in ``ids`` that start but do not finish: [(modality, start, tokens present)]."""
+    found = []
+    for modality, sig in groups.items():
+        for pos, t in enumerate(ids):
+            if t == sig[0] and ids[pos:pos + len(sig)] != sig:
+                have = next((i for i, (a, b) in enumerate(zip(ids[pos:], sig)) if a != b), len(ids) - pos)
+                found.append((modality, pos, have))
+    return sorted(found, key=lambda x: x[1])
