@@ -260,7 +260,7 @@ class EncoderConfig(JsonConfig):
     """A frozen encoder.
 
     backend: registry name in ``mmllm.encoders.ENCODERS`` (``open_clip``, ``hf_clip``,
-        ``hf_clap``, ``frames``).
+        ``hf_audio``, ``frames``).
     source: hub id, local directory or open_clip architecture name.
     pretrained: open_clip pretrained tag or local checkpoint; unused by other backends.
     arch: an architecture description used when ``init`` is ``random`` (or weights are

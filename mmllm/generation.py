@@ -200,7 +200,7 @@ class MediaOptions:
     torch's global generator, so a call with ``seed=`` repeats exactly and outputs differ
     otherwise; an int renders every output from that one fixed noise. A fixed default made
     every call draw from the same noise, a poor draw for the toy image decoder
-    (docs/RESULTS.md)."""
+    (docs/research/README.md)."""
 
     allowed: set[str] | None = None
     max_per_turn: int | None = None

@@ -1,4 +1,4 @@
-"""``MMLLM``: frozen encoders -> input projectors -> a causal LLM (-> output side, see ``mmllm.outputs``)."""
+"""``MMLLM``: frozen encoders -> input projectors -> a causal LLM -> signal tokens -> output projectors -> frozen decoders."""
 
 from __future__ import annotations
 

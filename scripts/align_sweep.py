@@ -10,7 +10,7 @@ bf16`` on a CPU with AVX512-BF16; ``--cache-file`` keeps them for the next call)
 ``TRAIN:STEPS[:BATCH[:LR[:WD[:DROPOUT[:WEIGHTS[:STD]]]]]]`` then fits fresh output projectors, as the
 build's align step does (``align_output_projectors(reinit=True)``), on the first TRAIN cached
 sequences per modality, and scores them on the same last ``--val`` ones (held-back L2).
-Prints a Markdown table. docs/RESULTS.md ("The quick build") has a run.
+Prints a Markdown table. docs/research/README.md has a run.
 """
 
 from __future__ import annotations

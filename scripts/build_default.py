@@ -11,7 +11,7 @@
 
 Every step is cached (a second run rebuilds nothing) and an interrupted stage resumes from
 its last checkpoint. The result, <root>/model, is what mmllm.load() opens by default.
-See mmllm.toy.mmllm_build and docs/RESULTS.md.
+See mmllm.toy.mmllm_build and docs/research/README.md.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     parser.add_argument("--fast", action="store_true", help="2 steps of everything, tiny data (tests)")
     parser.add_argument("--quick", action="store_true",
                         help="a sixth of stage 2 after an image-first stage 1: under 30 minutes from nothing on "
-                             "2 CPU cores, a weaker model (docs/RESULTS.md, 'The quick build'; "
+                             "2 CPU cores, a weaker model (docs/research/README.md; "
                              "DefaultSettings.quick)")
     parser.add_argument("--smoke", action="store_true",
                         help="enough steps of everything for each loss to fall, in about a minute")
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument("--component-split", choices=("train", "all"), default=None,
                         help="world split every frozen component trains on (default: train, the audio decoder "
-                             "all; the stages always train on the train split), see docs/TOY.md")
+                             "all; the stages always train on the train split), see docs/toy.md")
     parser.add_argument("--no-align-standardize", action="store_true",
                         help="fit the align step on unscaled states (DefaultSettings.align_standardize)")
     parser.add_argument("--set", dest="overrides", action="append", type=_setting, default=[], metavar="KEY=VALUE",
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
                              "any other change retrains them")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads; 1 is up to 10x faster on a CPU shared with other jobs "
-                             "(OpenMP threads wait for each other), see docs/RESULTS.md")
+                             "(OpenMP threads wait for each other), see docs/research/README.md")
     add_dataclass_args(parser.add_argument_group("recipe settings (DefaultSettings; default: the chosen recipe's)"),
                        DefaultSettings, FLAG_FIELDS, defaults=DefaultSettings(),
                        choices={"stage1_mix": MIXES, "stage2_mix": MIXES, "precision": ("fp32", "bf16", "auto")})

@@ -5,7 +5,7 @@ large centred images.
     python scripts/probe_clip.py                       # the CLIP under ~/.cache/mmllm/toy
     python scripts/probe_clip.py --root /tmp/v --json  # a variant built with scripts/build_toy.py
 
-See mmllm.toy.quality.image_feature_probes and docs/RESULTS.md ("Shape hard negatives").
+See mmllm.toy.quality.image_feature_probes and docs/research/README.md.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ TRAINING_INPUTS = ("clip", "audio_encoder")
 # Noise Schedules and Sample Steps are Flawed"). SD's own schedule leaves 7 % of the signal at
 # its last step, so a decoder learns to take the layout (where the shape is, which way it
 # moves) from that remnant, and sampling from pure noise draws it at random: fed the true
-# caption, the video decoder drew the axis of motion at chance (docs/TOY.md, "Zero terminal SNR").
+# caption, the video decoder drew the axis of motion at chance (docs/toy.md).
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 rescale_betas_zero_snr=True)
 PREDICTION = "v_prediction"

@@ -19,13 +19,13 @@ Choices, for a model that trains on 2 CPU cores:
   In short caption runs this reads position, size and count far better than a per-token
   ``mlp2x_gelu`` alone. The flattened map alone learns an attribute once per patch position,
   so it memorises held-out colour x shape pairs; the per-token tokens learn it once for all
-  positions (held-out caption colour 0.60 -> 0.92 in the ninth build, docs/RESULTS.md).
+  positions (held-out caption colour 0.60 -> 0.92 in the ninth build, docs/research/README.md).
 - audio: ``hf_audio`` (AST) patch tokens, 22 tokens of width 64, into the same
   ``flatten_mlp`` (4 + summary + per-token, 27 LLM tokens): the number of beeps is where the
   tones are in time.
 - video: ``frames`` through the image encoder, the first and last of the 4 frames,
   ``frame_pooling="none"`` (34 tokens: where the shape starts and ends gives the
-  direction; mean pooling averages the shape over its path and loses it, see docs/TOY.md),
+  direction; mean pooling averages the shape over its path and loses it, see docs/toy.md),
   into a ``flatten_mlp`` of 4 tokens plus the 34 per-token ones (38 LLM tokens): direction
   is where the shape is in one frame against the other, which a per-token projector alone
   leaves to the LLM (direction 0.29 held-in, against 1.00 with the flattened map in a
@@ -53,10 +53,10 @@ VIDEO_INPUT_FRAMES = 2  # frames the video encoder reads (first and last); clips
 # Every input's flatten_mlp options: 4 tokens from all encoder tokens flattened (where things
 # are), a position-invariant summary token for image and audio, and every encoder token
 # through one shared mlp2x_gelu (per_token), which learns an attribute once for all positions
-# and so composes held-out pairs (docs/RESULTS.md, "Per-token tokens beside the flattened map").
+# and so composes held-out pairs (docs/research/README.md).
 # The image's flattened map is one linear layer (hidden=0): an MLP's hidden layer formed
 # colour x shape detectors for the trained pairs (held-out caption shape 0.44 -> 0.71, colour
-# 0.83 -> 0.65; docs/RESULTS.md, "A linear flattened image map").
+# 0.83 -> 0.65; docs/research/README.md).
 PROJECTOR_OPTIONS = {
     "image": {"num_tokens": 4, "summary_token": True, "per_token": True, "hidden": 0},
     "audio": {"num_tokens": 4, "summary_token": True, "per_token": True},
@@ -84,9 +84,9 @@ def image_encoder_config(root: Optional[str | os.PathLike] = None, feature_layer
 def decoder_options(modality: str) -> dict:
     """Generation settings of the toy decoders. Guidance 6 for images and sounds (measured:
     image colour 0.40 -> 0.56, audio timbre 0.73 -> 0.84 from guidance 3); 3 for video,
-    whose motion degrades at higher guidance (docs/TOY.md). The zero-terminal-SNR image
+    whose motion degrades at higher guidance (docs/toy.md). The zero-terminal-SNR image
     decoder rescales its guidance by 0.7 (held-out shape from true captions 0.64 -> 0.72 over
-    three draws of 48; docs/RESULTS.md, "Guidance rescale for the image decoder") and takes
+    three draws of 48; docs/research/README.md) and takes
     30 steps (0.72 -> 0.76, for 1.4x the decoding time; 50 or 100 steps draw the same)."""
     common = {"num_inference_steps": 30 if modality == "image" else 20,
               "guidance_scale": 3.0 if modality == "video" else 6.0}

@@ -16,7 +16,7 @@ projector types, token counts and learning rates can be ranked in minutes on a C
     rows = compare({"linear": {"lr": 6e-3, "inputs.image.projector.type": "linear"},
                     "mlp": {"lr": 6e-3}}, modality="image", steps=120)
 
-``scripts/compare_recipes.py`` is the command line; docs/RESULTS.md has the measured tables.
+``scripts/compare_recipes.py`` is the command line; docs/research/README.md has the measured tables.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A tiny procedural world of images, sounds, videos and the words that describe them.
 
-No pretrained encoder or decoder can be downloaded here, so mmllm trains its own toy
-ones on this world and measures the whole system on it. Everything is a pure function
+mmllm's shipped default model is trained on this world: its encoders and decoders are toy
+ones, so the whole system runs on a CPU with nothing to download, and every answer and every
+generated medium can be scored exactly. Everything is a pure function
 of a spec (and, for variety, an optional ``numpy.random.Generator``), deterministic,
 numpy-only and fast: a 32x32 image renders in well under a millisecond.
 

@@ -183,13 +183,13 @@ def align_output_projectors(model, generation=None, conversations=None, data_roo
     stages' projector is discarded by ``reinit`` anyway; this chooses its successor's form
     without retraining the LLM. On the toy world's audio, whose 27 specs leave 18 for
     training, the ``transformer`` projector maps held-out pitch x count requests onto trained
-    ones and a ``linear`` one composes them (docs/RESULTS.md, "A linear audio projector").
+    ones and a ``linear`` one composes them (docs/research/README.md).
     ``standardize``: train the projectors on inputs scaled to zero mean and unit spread per
     feature (``input_statistics``), then fold that scaling into their first linear layer, so
     the saved projectors read the raw states as before. The LLM's states at signal tokens sit
     far from zero with a small spread between requests, which slows the fit; on the quick toy
     model the held-back L2 after 4000 steps falls from 0.32 / 0.10 / 0.06 (image / video /
-    audio) to 0.09 / 0.03 / 0.03 (docs/RESULTS.md, "Centred inputs for the align step").
+    audio) to 0.09 / 0.03 / 0.03 (docs/research/README.md).
 
     Returns the losses (first and last tenth of the run, and per modality; with
     ``standardize`` they are of the standardised fit, the same function), counts and timing.

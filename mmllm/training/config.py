@@ -135,7 +135,7 @@ def mixed_precision(precision: str) -> str:
 def native_bf16() -> bool:
     """Whether bf16 autocast runs natively here: on the CUDA GPU accelerate will pick (Ampere or
     later), else on a CPU with AVX512-BF16 or AMX. There the toy stages ran 1.16-1.33x faster
-    than in fp32 (docs/RESULTS.md, "Mixed precision on the CPU"); a CPU without them emulates bf16,
+    than in fp32 (docs/research/README.md); a CPU without them emulates bf16,
     slower than fp32."""
     import torch
 
