@@ -38,8 +38,8 @@ def resolve(name_or_path: str | os.PathLike | None = None, revision: str | None 
         return _from_hub(name, revision)
     where = f" (from ${DEFAULT_ENV})" if name_or_path is None and os.environ.get(DEFAULT_ENV) else ""
     raise FileNotFoundError(
-        f"{name!r}{where} is not a model directory, a shipped model {shipped_models()}, a preset "
-        f"{available_presets()}, or a hub id (org/name)")
+        f"{name!r}{where} is neither a directory with {CONFIG_NAME}, a shipped model {shipped_models()}, nor a hub "
+        f"id (org/name); presets: {available_presets()}")
 
 
 def default_model_name() -> str:

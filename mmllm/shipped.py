@@ -81,8 +81,9 @@ def shipped_model_dir(name: str = DEFAULT_NAME, check: bool = True) -> Path:
     folder = SHIPPED_DIR / name
     if not (folder / MANIFEST_NAME).is_file():
         have = shipped_models()
+        fix = BUILD_HINT if name == DEFAULT_NAME else _REINSTALL
         raise ShippedModelError(
-            f"no shipped model {name!r} in {SHIPPED_DIR} (shipped: {have or 'none'}); {_REINSTALL}, "
+            f"no shipped model {name!r} in {SHIPPED_DIR} (shipped: {have or 'none'}); {fix}, "
             f"or name a model directory, e.g. mmllm.load('path/to/model') or {DEFAULT_ENV}=path/to/model")
     if check:
         key = (str(folder), (folder / MANIFEST_NAME).stat().st_mtime)
@@ -92,10 +93,24 @@ def shipped_model_dir(name: str = DEFAULT_NAME, check: bool = True) -> Path:
     return folder / MODEL_SUBDIR
 
 
+TEXT_ONLY = "smollm2"  # the embedded LLM alone, when no multimodal default is installed
+BUILD_HINT = (f"no trained multimodal default ships with this installation; build one with `python "
+              f"scripts/build_default.py --root runs/toy` (about two hours on 2 CPU cores, `--device cuda` on a GPU) "
+              f"and set {DEFAULT_ENV}=runs/toy/model")
+
+
 def default_model() -> str:
     """What ``mmllm.load()`` opens with no name: ``$MMLLM_DEFAULT`` when set (a model directory,
-    preset or hub id), else the shipped toy model."""
-    return os.environ.get(DEFAULT_ENV) or DEFAULT_NAME
+    preset or hub id), else the shipped toy model, else (an installation that carries none,
+    with a warning saying how to build one) the text-only SmolLM2."""
+    if os.environ.get(DEFAULT_ENV):
+        return os.environ[DEFAULT_ENV]
+    if (SHIPPED_DIR / DEFAULT_NAME / MANIFEST_NAME).is_file():
+        return DEFAULT_NAME
+    import logging
+
+    logging.getLogger("mmllm").warning("%s; using the text-only %r meanwhile", BUILD_HINT, TEXT_ONLY)
+    return TEXT_ONLY
 
 
 def _copy_weights(src: Path, dst: Path, dtype) -> None:

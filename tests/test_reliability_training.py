@@ -211,3 +211,20 @@ def test_a_directory_write_clears_what_a_killed_writer_left_and_spares_a_live_on
         for w in writers:
             w.kill()
             w.wait()
+
+
+# --------------------------------------------------------------------------- a new run into an old run's folder
+
+
+def test_a_new_run_into_a_folder_with_checkpoints_is_refused_and_keeps_them(base_model, data, tmp_path, fresh):
+    """A fresh run into ``out`` would prune the earlier run's checkpoints by name (or have its
+    own pruned) and a later ``--resume latest`` would pick whichever sorts last: it is refused,
+    and ``resume`` continues the earlier run instead."""
+    train(config(data, tmp_path / "run", steps=2), model=fresh(base_model))
+    kept = latest_checkpoint(tmp_path / "run")
+    before = digest(kept)
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints of an earlier run \(step-0+2\).*--resume latest"):
+        train(config(data, tmp_path / "run", steps=2), model=fresh(base_model))
+    assert latest_checkpoint(tmp_path / "run") == kept and digest(kept) == before
+    result = train(config(data, tmp_path / "run", steps=4, resume="latest"), model=fresh(base_model))
+    assert result.steps == 4

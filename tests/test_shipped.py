@@ -109,11 +109,18 @@ def test_a_damaged_or_missing_shipped_file_is_named_with_the_fix(shipped_dir):
         verify(shipped_dir)
 
 
-def test_no_shipped_model_says_how_to_get_one(tmp_path, monkeypatch):
+def test_without_a_shipped_model_the_default_is_text_only_with_a_hint(tmp_path, monkeypatch, caplog):
+    """An installation that carries no trained default falls back to the text-only SmolLM2
+    with a warning saying how to build one; naming "toy" explicitly is an error with the fix."""
+    import logging
+
     monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path / "nothing")
     monkeypatch.delenv(shipped.DEFAULT_ENV, raising=False)
-    with pytest.raises(ShippedModelError, match="no shipped model 'toy'.*MMLLM_DEFAULT"):
-        mmllm.load()
+    with caplog.at_level(logging.WARNING, logger="mmllm"):
+        assert api.resolve() == "smollm2"
+    assert "scripts/build_default.py" in caplog.text and "MMLLM_DEFAULT" in caplog.text
+    with pytest.raises(ShippedModelError, match="no shipped model 'toy'.*build_default.py.*MMLLM_DEFAULT"):
+        mmllm.load("toy")
 
 
 def test_mmllm_default_names_another_default(tree, tmp_path, monkeypatch):
@@ -133,7 +140,7 @@ def test_names_resolve_directory_then_shipped_then_preset_then_hub(tree, shipped
     assert api.resolve("tiny") == "tiny"
     with pytest.raises(FileNotFoundError, match="directory without config.json"):
         api.resolve(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a model directory, a shipped model.*preset.*hub id"):
+    with pytest.raises(FileNotFoundError, match="neither a directory with config.json, a shipped model.*hub id.*presets"):
         api.resolve("no-such-model")
 
 

@@ -22,7 +22,7 @@ TASKS = {
     "pope": "mmllm.eval.tasks:POPE",
     "text_to_image": "mmllm.eval.media_tasks:TextToImage",
     "text_to_audio": "mmllm.eval.media_tasks:TextToAudio",
-    "toy": "mmllm.eval.toy_task:Toy",
+    "toy": "mmllm.toy.eval_task:Toy",  # the toy world registers as a client of the library
 }
 
 

@@ -263,6 +263,11 @@ class Trainer:
 
         result = TrainResult()
         step, epoch, batches = 0, 0, 0
+        earlier = latest_checkpoint(cfg.out) if not cfg.resume else None
+        if earlier is not None:  # a new run would mix its checkpoints with these, and prune them by name
+            raise FileExistsError(
+                f"{cfg.out!r} already holds checkpoints of an earlier run ({earlier.name}); continue that run with "
+                f"--resume latest (TrainConfig.resume='latest'), or give this run a new --out")
         if cfg.resume:
             ckpt = latest_checkpoint(cfg.out) if cfg.resume == "latest" else Path(cfg.resume)
             if ckpt is None or not (ckpt / STATE_NAME).is_file():

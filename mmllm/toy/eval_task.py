@@ -4,7 +4,7 @@ predictions file to score: the report is written as the predictions and scored a
 
 from __future__ import annotations
 
-from .tasks import Task
+from mmllm.eval.tasks import Task
 
 
 class Toy(Task):
