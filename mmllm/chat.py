@@ -223,8 +223,24 @@ def model_history(model, turns: Sequence[Turn]) -> list[dict]:
     return history
 
 
+def preview_path(path: str | os.PathLike) -> Path:
+    """Where ``save_outputs`` puts the enlarged copy of a small picture or clip saved at ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.preview{path.suffix}")
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """The file to show a person for an output saved at ``path``: its enlarged preview when
+    there is one (a 32 x 32 picture is too small to judge), else the file itself."""
+    preview = preview_path(path)
+    return str(preview) if preview.is_file() else str(path)
+
+
 def save_outputs(result, out_dir: str | os.PathLike) -> list[tuple[str, str]]:
-    """Save each medium in ``result`` under ``out_dir`` -> [(modality, path)]."""
+    """Save each medium in ``result`` under ``out_dir`` -> [(modality, path)]. A picture or
+    clip smaller than ``pipelines.media.PREVIEW_SIDE`` pixels a side also gets an enlarged,
+    nearest-neighbour copy beside it (``preview_path``) for display; the saved file keeps the
+    generated pixels."""
     out_dir = Path(out_dir)
     saved = []
     stem = uuid.uuid4().hex[:8]
@@ -233,6 +249,11 @@ def save_outputs(result, out_dir: str | os.PathLike) -> list[tuple[str, str]]:
             out_dir.mkdir(parents=True, exist_ok=True)
             path = item.save(out_dir / f"{stem}-{modality}-{i}")  # returns the path written (suffix chosen by save)
             saved.append((modality, str(path)))
+            enlarged = item.preview() if hasattr(item, "preview") else item
+            if enlarged is not item:
+                written = enlarged.save(preview_path(path))
+                if Path(written) != preview_path(path):  # save chose another suffix: keep the pair findable
+                    os.replace(written, preview_path(path).with_suffix(Path(written).suffix))
     return saved
 
 
@@ -249,7 +270,7 @@ def to_messages(turns: Sequence[Turn]) -> list[dict]:
             continue
         if turn.reply or not turn.done:
             messages.append({"role": "assistant", "content": turn.reply or "…"})
-        messages += [{"role": "assistant", "content": {"path": p}} for _, p in turn.outputs]
+        messages += [{"role": "assistant", "content": {"path": shown_path(p)}} for _, p in turn.outputs]
     return messages
 
 

@@ -92,8 +92,15 @@ def cmd_generate(args) -> int:
     else:
         print()
         for modality, path in turn.outputs:
-            print(f"[{modality}] {path}")
+            print(f"[{modality}] {path}" + _preview_note(path))
     return 0
+
+
+def _preview_note(path: str) -> str:
+    from .chat import shown_path
+
+    shown = shown_path(path)
+    return f" (enlarged to view: {shown})" if shown != path else ""
 
 
 def cmd_chat(args) -> int:
@@ -149,7 +156,7 @@ def cmd_chat(args) -> int:
             continue
         print()
         for modality, path in turn.outputs:
-            print(f"[{modality} saved] {path}")
+            print(f"[{modality} saved] {path}" + _preview_note(path))
         turns.append(turn)
 
 

@@ -290,3 +290,30 @@ def test_a_demo_without_workdir_removes_its_temp_dir_at_exit(tmp_path):
     example = Path(done.stdout.strip())
     assert example.parent.parent.parent == tmp_path  # the page wrote its examples there
     assert not example.exists() and not list(tmp_path.glob("mmllm-demo-*"))
+
+
+def test_small_generated_pictures_are_shown_enlarged_and_saved_as_generated(tmp_path):
+    """A 32 x 32 picture or clip is saved with its own pixels, plus a nearest-neighbour copy
+    at least 256 pixels a side that the chat shows; larger outputs are shown as saved."""
+    import numpy as np
+    from PIL import Image
+
+    from mmllm.chat import Turn, preview_path, save_outputs, to_messages
+    from mmllm.generation import GenerateResult
+    from pipelines import ImageOutput, VideoOutput
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    big = np.zeros((300, 400, 3), np.uint8)
+    clip = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    result = GenerateResult(text="", images=[ImageOutput(Image.fromarray(pixels)), ImageOutput(Image.fromarray(big))],
+                            videos=[VideoOutput(clip, fps=4)])
+    saved = save_outputs(result, tmp_path)
+    (_, small), (_, large), (_, video) = saved
+    assert np.array_equal(np.asarray(Image.open(small)), pixels)
+    enlarged = np.asarray(Image.open(preview_path(small)))
+    assert enlarged.shape == (256, 256, 3) and np.array_equal(enlarged[::8, ::8], pixels)
+    assert not preview_path(large).exists()
+    assert any(p.name.startswith(preview_path(video).stem) for p in tmp_path.iterdir())
+    shown = [m["content"]["path"] for m in to_messages([Turn(text="draw", reply="here", done=True, outputs=saved)])
+             if isinstance(m["content"], dict)]
+    assert shown[0] == str(preview_path(small)) and shown[1] == large
