@@ -82,6 +82,14 @@ def _seeded(seed: int):
         yield
 
 
+def _refuse_paths(path: Path, found: dict, error: type, what: str, fix) -> None:
+    """Raise ``error`` naming how many of ``found`` ({dotted field: path}) ``path``'s config has,
+    the first of them, and ``fix(field)``; nothing when ``found`` is empty."""
+    if found:
+        field, where = next(iter(found.items()))
+        raise error(f"{path / CONFIG_NAME} names {len(found)} {what}, e.g. {field} = {where!r}{fix(field)}")
+
+
 class MMLLM(nn.Module):
     def __init__(self, config: MMLLMConfig, llm: nn.Module, tokenizer=None, encoders: dict | None = None,
                  decoders: dict | None = None):
@@ -520,26 +528,18 @@ class MMLLM(nn.Module):
         config = MMLLMConfig.from_json(path / CONFIG_NAME).resolved(path)
         if not allow_outside_paths:
             roots = model_tree(path, tree)
-            outside = config.paths_outside(roots)
-            if outside:
-                field, where = next(iter(outside.items()))
-                raise ConfigError(
-                    f"{path / CONFIG_NAME} names {len(outside)} path(s) outside the model's tree, e.g. {field} = "
-                    f"{where!r}; a model directory may name files only inside {' or '.join(map(str, roots))}. If you "
-                    f"trust it, load it with allow_outside_paths=True (mmllm.load({str(path)!r}, "
-                    "allow_outside_paths=True)), or give the component as an override")
+            _refuse_paths(path, config.paths_outside(roots), ConfigError, "path(s) outside the model's tree", lambda _: (
+                f"; a model directory may name files only inside {' or '.join(map(str, roots))}. If you trust it, "
+                f"load it with allow_outside_paths=True (mmllm.load({str(path)!r}, allow_outside_paths=True)), or "
+                "give the component as an override"))
         if trust_remote_code:
             overrides = {**overrides, "llm.trust_remote_code": True}
         if overrides:
             config = config.replace(**overrides)
-        missing = config.missing_paths()
-        if missing:
-            field, where = next(iter(missing.items()))
-            raise FileNotFoundError(
-                f"{path / CONFIG_NAME} names {len(missing)} component(s) that are not there, e.g. {field} = {where!r}. "
-                f"A saved model refers to the components beside it relative to itself (../clip), so copy or move "
-                f"the whole tree, not the model directory alone, or give the new place as an override: "
-                f"mmllm.load({str(path)!r}, **{{{field!r}: '/new/path'}})")
+        _refuse_paths(path, config.missing_paths(), FileNotFoundError, "component(s) that are not there", lambda field: (
+            ". A saved model refers to the components beside it relative to itself (../clip), so copy or move the "
+            "whole tree, not the model directory alone, or give the new place as an override: "
+            f"mmllm.load({str(path)!r}, **{{{field!r}: '/new/path'}})"))
         model = cls.from_config(config, dtype=dtype)
         model.load_trainable(load_state_dict(path / WEIGHTS_NAME))
         if device is not None:

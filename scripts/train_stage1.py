@@ -19,10 +19,7 @@ def main(argv=None):
     cfg = config_from_args(parser.parse_args(argv))
     if not cfg.stage.startswith("stage1"):
         parser.error(f"stage {cfg.stage!r} is not a stage-1 stage; use scripts/train_stage2.py")
-    result = train(cfg)
-    final = "none" if result.final_loss is None else f"{result.final_loss:.4f}"
-    print(f"done: {result.steps} steps, final loss {final}, "
-          f"{result.bad_rows} bad row(s), model in {result.model_dir}")
+    print(train(cfg).summary())
 
 
 if __name__ == "__main__":

@@ -15,10 +15,7 @@ from mmllm.training.cli import build_parser, config_from_args
 def main(argv=None):
     parser = build_parser(__doc__.splitlines()[0], ("stage2",))
     cfg = config_from_args(parser.parse_args(argv), stage="stage2")
-    result = train(cfg)
-    final = "none" if result.final_loss is None else f"{result.final_loss:.4f}"
-    print(f"done: {result.steps} steps, final loss {final}, "
-          f"{result.bad_rows} bad row(s), model in {result.model_dir}")
+    print(train(cfg).summary())
 
 
 if __name__ == "__main__":

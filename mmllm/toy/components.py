@@ -37,7 +37,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -626,16 +626,21 @@ def clip_text_encoder(clip_dir: str | os.PathLike):
     return _plain_text_model(clip, clip.config.text_config)
 
 
-def build_image_decoder(out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
-                        progress: bool) -> dict:
+def _decoder_start(root: Path, seed: int, name: str, device: str) -> tuple:
+    """(rng, VAE, CLIP text tower, tokenizer) that an image or video decoder's build starts from,
+    with torch seeded: the shared VAE and the toy CLIP's text side under ``root``."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
-    rng = _rng(seed, "image_decoder")
+    rng = _rng(seed, name)
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
-    text_encoder = clip_text_encoder(root / "clip")
-    tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
+    return rng, vae, clip_text_encoder(root / "clip"), CLIPTokenizer.from_pretrained(root / "clip")
+
+
+def build_image_decoder(out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
+                        progress: bool) -> dict:
+    rng, vae, text_encoder, tokenizer = _decoder_start(root, seed, "image_decoder", device)
     specs, images = image_pool(settings.pool["image"], rng, settings.split_of("image_decoder"))
     pixels = to_unit(images)
     latents = _latents(vae, pixels, device)  # (N, 4, 16, 16)
@@ -719,16 +724,11 @@ def _motion_unet_from_image(root: Path, frames: int):
 
 def build_video_decoder(out: Path, root: Path, settings: BuildSettings, device: str, seed: int,
                         progress: bool) -> dict:
-    from diffusers import AnimateDiffPipeline, AutoencoderKL, TextToVideoSDPipeline
-    from transformers import CLIPTokenizer
+    from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline
 
     if settings.video_unet not in VIDEO_UNETS:
         raise ValueError(f"BuildSettings.video_unet must be one of {list(VIDEO_UNETS)}, got {settings.video_unet!r}")
-    rng = _rng(seed, "video_decoder")
-    torch.manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
-    text_encoder = clip_text_encoder(root / "clip")
-    tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
+    rng, vae, text_encoder, tokenizer = _decoder_start(root, seed, "video_decoder", device)
     specs, videos = video_pool(settings.pool["video"], rng, settings.split_of("video_decoder"))
     n, t = videos.shape[:2]
     pixels = to_unit(videos.reshape(n * t, *videos.shape[2:]))

@@ -51,6 +51,11 @@ class TrainResult:
         """The last finite step loss (a step whose rows were all bad has none), or None."""
         return next((x for x in reversed(self.losses) if math.isfinite(x)), None)
 
+    def summary(self) -> str:
+        """One line for the end of a run: steps, the last finite loss, bad rows, where the model is."""
+        final = "none" if self.final_loss is None else f"{self.final_loss:.4f}"
+        return f"done: {self.steps} steps, final loss {final}, {self.bad_rows} bad row(s), model in {self.model_dir}"
+
 
 def resolve_model_path(name: str) -> str:
     """A preset, a save_pretrained dir, or a training output dir (its ``model/`` subdir)."""
