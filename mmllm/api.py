@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 from .config import MMLLMConfig, available_presets
 from .model import CONFIG_NAME, MMLLM
@@ -92,8 +93,29 @@ def _cached(name: str | None) -> MMLLM:
     return load(name)
 
 
-def generate(prompt: str | None = None, *, model: str | MMLLM | None = None, **kwargs):
-    """``mmllm.generate(image=..., prompt=...)``: answer with ``model`` (default: the embedded
-    default, loaded once and kept). Takes every argument of ``MMLLM.generate``."""
+def generate(prompt: str | None = None, *, model: str | MMLLM | None = None, image: Any = None, audio: Any = None,
+             video: Any = None, history: list[dict] | None = None, output_modalities: Sequence[str] | None = None,
+             max_new_tokens: int = 256, temperature: float = 0.0, seed: int | None = None, stream: bool = False,
+             **options: Any):
+    """Answer ``prompt`` with ``model`` (a name for ``load``, or a model; default: the default
+    model, loaded once and kept), e.g. ``mmllm.generate(image="cat.png", prompt="What is this?")``.
+
+    Args:
+        prompt: the request; media given without a placeholder in it get one at its start.
+        image, audio, video: one item or a list each: paths, PIL images, arrays or tensors.
+        history: earlier ``{"role", "content"}`` messages, which may carry their own media.
+        output_modalities: the media the answer may produce (default: every output).
+        max_new_tokens: the longest answer, in tokens.
+        temperature: 0 decodes greedily; above 0 samples.
+        seed: makes text and media repeatable.
+        stream: return a ``TextStream`` of text pieces that holds the result at the end.
+        options: the rest of ``MMLLM.generate``'s settings (``top_p``, ``max_media``,
+            ``media_seed``, decoder settings such as ``num_inference_steps``).
+
+    Returns:
+        a ``GenerateResult`` (``text``, ``images``, ``audio``, ``videos``), or a ``TextStream``.
+    """
     m = model if isinstance(model, MMLLM) else _cached(model if model is not None else default_model())
-    return m.generate(prompt, **kwargs)
+    return m.generate(prompt, image=image, audio=audio, video=video, history=history,
+                      output_modalities=output_modalities, max_new_tokens=max_new_tokens, temperature=temperature,
+                      seed=seed, stream=stream, **options)
