@@ -49,6 +49,25 @@ class Task:
         raise NotImplementedError
 
 
+def _match(predictions, key: str, field: str, known, bad, first_wins: bool) -> dict:
+    """``{id: str(prediction[field])}`` for the predictions whose ``key`` is a ``known`` id. Unknown
+    ids, ids with no prediction and (with ``first_wins``) repeated ids are counted in ``bad``;
+    without ``first_wins`` a repeated id keeps its last prediction."""
+    found = {}
+    for p in predictions:
+        pid = p.get(key)
+        if pid not in known:
+            bad.add(f"unknown_{key}", pid)
+        elif first_wins and pid in found:
+            bad.add(f"duplicate_{key}", pid)
+        else:
+            found[pid] = str(p.get(field, ""))
+    for pid in known:
+        if pid not in found:
+            bad.add("missing_prediction", pid)
+    return found
+
+
 def _answer(result, row_id, bad: BadRows) -> str:
     text = result.text.strip()
     if not text:
@@ -96,15 +115,8 @@ class VQAv2(Task):
                 for q, r in zip(data["questions"], results) if r is not None]
 
     def score(self, predictions, data, bad, opts):
-        answers = {}
-        for p in predictions:
-            if p.get("question_id") not in data["annotations"]:
-                bad.add("unknown_question_id", p.get("question_id"))
-            else:
-                answers[p["question_id"]] = str(p.get("answer", ""))
-        for qid in data["annotations"]:
-            if qid not in answers:
-                bad.add("missing_prediction", qid)  # scores 0, as an unanswered question does
+        # A missing prediction scores 0, as an unanswered question does; a repeated id keeps the last.
+        answers = _match(predictions, "question_id", "answer", data["annotations"], bad, first_wins=False)
         metrics, _ = vqa.score(answers, data["annotations"])
         return metrics, {}, len(data["annotations"])
 
@@ -145,17 +157,8 @@ class COCOCaption(Task):
                 for im, r in zip(data["images"], results) if r is not None]
 
     def score(self, predictions, data, bad, opts):
-        captions = {}
-        for p in predictions:
-            if p.get("image_id") not in data["references"]:
-                bad.add("unknown_image_id", p.get("image_id"))
-            elif p["image_id"] in captions:
-                bad.add("duplicate_image_id", p["image_id"])
-            else:
-                captions[p["image_id"]] = str(p.get("caption", ""))
-        for image_id in data["references"]:
-            if image_id not in captions:
-                bad.add("missing_prediction", image_id)  # not scored, as COCOEvalCap scores the results given
+        # A missing prediction is not scored, as COCOEvalCap scores the results given.
+        captions = _match(predictions, "image_id", "caption", data["references"], bad, first_wins=True)
         if not captions:
             raise ValueError("no prediction matches an annotated image; nothing to score")
         java = str(opts.get("java_metrics", "on")).lower()
