@@ -69,6 +69,10 @@ def build_demo(model, *, model_name: str = "model", max_upload_mb: float = 20.0,
     with gr.Blocks(title=f"mmllm · {model_name}", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(_describe(model_name, reads, writes))
         turns = gr.State([])
+        # Generated pictures and clips are small (the toy decoders draw 32 x 32): shown at least
+        # 256 pixels wide with square pixels, while the files keep what was generated.
+        gr.HTML("<style>#chat .bot img, #chat .bot video {min-width: 256px; image-rendering: pixelated;}</style>",
+                padding=False)
         chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chat")
         box = gr.MultimodalTextbox(
             placeholder="Ask something, or attach an image, a sound or a clip…" if reads else "Ask something…",

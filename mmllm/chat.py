@@ -236,11 +236,11 @@ def shown_path(path: str | os.PathLike) -> str:
     return str(preview) if preview.is_file() else str(path)
 
 
-def save_outputs(result, out_dir: str | os.PathLike) -> list[tuple[str, str]]:
-    """Save each medium in ``result`` under ``out_dir`` -> [(modality, path)]. A picture or
-    clip smaller than ``pipelines.media.PREVIEW_SIDE`` pixels a side also gets an enlarged,
-    nearest-neighbour copy beside it (``preview_path``) for display; the saved file keeps the
-    generated pixels."""
+def save_outputs(result, out_dir: str | os.PathLike, previews: bool = False) -> list[tuple[str, str]]:
+    """Save each medium in ``result`` under ``out_dir`` -> [(modality, path)]. With ``previews``,
+    a picture or clip smaller than ``pipelines.media.PREVIEW_SIDE`` pixels a side also gets an
+    enlarged, nearest-neighbour copy beside it (``preview_path``) to look at; the saved file
+    keeps the generated pixels."""
     out_dir = Path(out_dir)
     saved = []
     stem = uuid.uuid4().hex[:8]
@@ -249,7 +249,7 @@ def save_outputs(result, out_dir: str | os.PathLike) -> list[tuple[str, str]]:
             out_dir.mkdir(parents=True, exist_ok=True)
             path = item.save(out_dir / f"{stem}-{modality}-{i}")  # returns the path written (suffix chosen by save)
             saved.append((modality, str(path)))
-            enlarged = item.preview() if hasattr(item, "preview") else item
+            enlarged = item.preview() if previews and hasattr(item, "preview") else item
             if enlarged is not item:
                 written = enlarged.save(preview_path(path))
                 if Path(written) != preview_path(path):  # save chose another suffix: keep the pair findable
@@ -270,11 +270,12 @@ def to_messages(turns: Sequence[Turn]) -> list[dict]:
             continue
         if turn.reply or not turn.done:
             messages.append({"role": "assistant", "content": turn.reply or "…"})
-        messages += [{"role": "assistant", "content": {"path": shown_path(p)}} for _, p in turn.outputs]
+        messages += [{"role": "assistant", "content": {"path": p}} for _, p in turn.outputs]
     return messages
 
 
-def run_turn(model, turn: Turn, history: list[dict], settings: Settings, out_dir) -> Iterator[Turn]:
+def run_turn(model, turn: Turn, history: list[dict], settings: Settings, out_dir,
+             previews: bool = False) -> Iterator[Turn]:
     """Stream one turn: yields ``turn`` after each text piece; at the end its reply is the
     full text, its outputs are saved under ``out_dir`` and ``done`` is set. Errors are
     raised to the caller."""
@@ -286,7 +287,7 @@ def run_turn(model, turn: Turn, history: list[dict], settings: Settings, out_dir
         yield turn
     result = stream.result
     turn.reply = result.text
-    turn.outputs = save_outputs(result, out_dir)
+    turn.outputs = save_outputs(result, out_dir, previews)
     turn.done = True
     yield turn
 

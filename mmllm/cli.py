@@ -82,7 +82,7 @@ def cmd_generate(args) -> int:
     media = {m: [_check_attachment(model, m, getattr(args, m))] for m in MEDIA_FLAGS if getattr(args, m)}
     turn = Turn(text=args.prompt, media=media)
     shown = 0
-    for turn in run_turn(model, turn, [], _settings(args), args.out):
+    for turn in run_turn(model, turn, [], _settings(args), args.out, previews=True):
         if not args.json and not turn.done:
             print(turn.reply[shown:], end="", flush=True)
             shown = len(turn.reply)
@@ -92,15 +92,16 @@ def cmd_generate(args) -> int:
     else:
         print()
         for modality, path in turn.outputs:
-            print(f"[{modality}] {path}" + _preview_note(path))
+            print(f"[{modality}] {path}" + _preview_note(modality, path))
     return 0
 
 
-def _preview_note(path: str) -> str:
+def _preview_note(modality: str, path: str) -> str:
+    """A second line naming the enlarged copy of a small picture or clip, when there is one."""
     from .chat import shown_path
 
     shown = shown_path(path)
-    return f" (enlarged to view: {shown})" if shown != path else ""
+    return f"\n[{modality} enlarged to view] {shown}" if shown != path else ""
 
 
 def cmd_chat(args) -> int:
@@ -148,7 +149,7 @@ def cmd_chat(args) -> int:
         print("bot> ", end="", flush=True)
         shown = 0
         try:
-            for turn in run_turn(model, turn, model_history(model, turns), settings, args.out):
+            for turn in run_turn(model, turn, model_history(model, turns), settings, args.out, previews=True):
                 print(turn.reply[shown:] if not turn.done else "", end="", flush=True)
                 shown = len(turn.reply)
         except ValueError as err:
@@ -156,7 +157,7 @@ def cmd_chat(args) -> int:
             continue
         print()
         for modality, path in turn.outputs:
-            print(f"[{modality} saved] {path}" + _preview_note(path))
+            print(f"[{modality} saved] {path}" + _preview_note(modality, path))
         turns.append(turn)
 
 

@@ -292,13 +292,14 @@ def test_a_demo_without_workdir_removes_its_temp_dir_at_exit(tmp_path):
     assert not example.exists() and not list(tmp_path.glob("mmllm-demo-*"))
 
 
-def test_small_generated_pictures_are_shown_enlarged_and_saved_as_generated(tmp_path):
-    """A 32 x 32 picture or clip is saved with its own pixels, plus a nearest-neighbour copy
-    at least 256 pixels a side that the chat shows; larger outputs are shown as saved."""
+def test_small_generated_pictures_get_an_enlarged_copy_to_view_and_keep_their_pixels(tmp_path):
+    """With previews (the CLI), a 32 x 32 picture or clip is saved with its own pixels plus a
+    nearest-neighbour copy at least 256 pixels a side; larger outputs get none. The demo page
+    shows its pictures enlarged by a style rule instead, the files unchanged."""
     import numpy as np
     from PIL import Image
 
-    from mmllm.chat import Turn, preview_path, save_outputs, to_messages
+    from mmllm.chat import preview_path, save_outputs, shown_path
     from mmllm.generation import GenerateResult
     from pipelines import ImageOutput, VideoOutput
 
@@ -307,13 +308,13 @@ def test_small_generated_pictures_are_shown_enlarged_and_saved_as_generated(tmp_
     clip = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     result = GenerateResult(text="", images=[ImageOutput(Image.fromarray(pixels)), ImageOutput(Image.fromarray(big))],
                             videos=[VideoOutput(clip, fps=4)])
-    saved = save_outputs(result, tmp_path)
-    (_, small), (_, large), (_, video) = saved
+    (_, small), (_, large), (_, video) = save_outputs(result, tmp_path / "cli", previews=True)
     assert np.array_equal(np.asarray(Image.open(small)), pixels)
     enlarged = np.asarray(Image.open(preview_path(small)))
     assert enlarged.shape == (256, 256, 3) and np.array_equal(enlarged[::8, ::8], pixels)
-    assert not preview_path(large).exists()
-    assert any(p.name.startswith(preview_path(video).stem) for p in tmp_path.iterdir())
-    shown = [m["content"]["path"] for m in to_messages([Turn(text="draw", reply="here", done=True, outputs=saved)])
-             if isinstance(m["content"], dict)]
-    assert shown[0] == str(preview_path(small)) and shown[1] == large
+    assert shown_path(small) == str(preview_path(small)) and shown_path(large) == large
+    assert any(p.name.startswith(preview_path(video).stem) for p in (tmp_path / "cli").iterdir())
+    save_outputs(result, tmp_path / "demo")
+    assert not any(".preview" in p.name for p in (tmp_path / "demo").iterdir())
+    page = build_demo(EchoModel(), model_name="echo", workdir=tmp_path / "page")
+    assert "image-rendering: pixelated" in str(page.config)
