@@ -250,10 +250,8 @@ def save_outputs(result, out_dir: str | os.PathLike, previews: bool = False) -> 
             path = item.save(out_dir / f"{stem}-{modality}-{i}")  # returns the path written (suffix chosen by save)
             saved.append((modality, str(path)))
             enlarged = item.preview() if previews and hasattr(item, "preview") else item
-            if enlarged is not item:
-                written = enlarged.save(preview_path(path))
-                if Path(written) != preview_path(path):  # save chose another suffix: keep the pair findable
-                    os.replace(written, preview_path(path).with_suffix(Path(written).suffix))
+            if enlarged is not item:  # the same kind of item saves with the same suffix as the original
+                enlarged.save(preview_path(path))
     return saved
 
 
